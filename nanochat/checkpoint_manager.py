@@ -1,0 +1,161 @@
+"""
+The one checkpoint format and the one place that maps a training stage to its directory.
+
+    <base_dir>/checkpoints/<stage>/<model_tag>/step_<step:06d>/
+        model.pt            model state_dict (fp32 tensors, torch.save, loaded with weights_only=True)
+        optim_rank<r>.pt    rank r's optimizer state (the optimizer state is sharded across ranks)
+        meta.json           model config, args, step, loop/dataloader state, RNG states, ...
+
+A checkpoint is written into `step_XXXXXX.tmp/` and renamed into place once every file is
+complete, so a directory without the .tmp suffix is always whole; a crash mid-save loses nothing.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import NanochatError, atomic_write_bytes, get_base_dir
+
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def stage_dir(stage, base_dir=None):
+    if stage not in STAGES:
+        raise NanochatError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    return os.path.join(base_dir or get_base_dir(), "checkpoints", stage)
+
+
+def checkpoint_dir(stage, model_tag, base_dir=None):
+    return os.path.join(stage_dir(stage, base_dir), model_tag)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def list_steps(ckpt_dir):
+    """Steps of the complete checkpoints in ckpt_dir, ascending."""
+    steps = []
+    for path in glob.glob(os.path.join(ckpt_dir, "step_*")):
+        m = re.fullmatch(r"step_(\d+)", os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, "meta.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(ckpt_dir):
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise NanochatError(f"no checkpoint found in {ckpt_dir}")
+    return steps[-1]
+
+
+def find_latest_model_tag(stage, base_dir=None):
+    """The model_tag under a stage whose newest checkpoint was written last."""
+    root = stage_dir(stage, base_dir)
+    tags = [t for t in (os.listdir(root) if os.path.isdir(root) else []) if list_steps(os.path.join(root, t))]
+    if not tags:
+        raise NanochatError(f"no {stage} checkpoint found under {root} (run the {stage} stage first)")
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+
+
+def _save_tensor_file(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None):
+    """
+    Save a checkpoint; every rank calls this (rank r writes its optimizer shard, rank 0 the model and
+    meta). keep_last: keep only the newest K complete checkpoints (None keeps all).
+    """
+    final = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    if optimizer_state is not None:
+        _save_tensor_file(optimizer_state, os.path.join(tmp, f"optim_rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        _save_tensor_file(model_state, os.path.join(tmp, "model.pt"))
+        atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str).encode())
+        if os.path.isdir(final):  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in list_steps(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(os.path.join(ckpt_dir, f"step_{old:06d}"), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _load_tensor_file(path, device):
+    if not os.path.isfile(path):
+        raise NanochatError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or corrupt file: torch raises several exception types
+        raise NanochatError(f"corrupt or truncated checkpoint file {path}: {type(e).__name__}") from None
+
+
+def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
+    """Returns (model_state, optimizer_state or None, meta). Raises NanochatError on a missing or
+    corrupt file."""
+    path = os.path.join(ckpt_dir, f"step_{step:06d}")
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise NanochatError(f"checkpoint not found: {path}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError:
+        raise NanochatError(f"corrupt checkpoint meta {meta_path}") from None
+    model_state = _load_tensor_file(os.path.join(path, "model.pt"), device)
+    optimizer_state = _load_tensor_file(os.path.join(path, f"optim_rank{rank}.pt"), device) if load_optimizer else None
+    return model_state, optimizer_state, meta
+
+
+def build_model(model_state, meta, device):
+    """A GPT with the checkpoint's config and weights on device."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the non-persistent RoPE buffers; weights are overwritten below
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise NanochatError(f"checkpoint does not match its model config: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_model(stage, device, model_tag=None, step=None, base_dir=None):
+    """
+    Load the model of a stage (base, mid, sft, rl) for inference: the newest model_tag and step
+    unless given. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
+    nothing to load or the tokenizer does not match the model.
+    """
+    from nanochat.tokenizer import get_tokenizer
+
+    model_tag = model_tag or find_latest_model_tag(stage, base_dir)
+    ckpt_dir = checkpoint_dir(stage, model_tag, base_dir)
+    step = find_last_step(ckpt_dir) if step is None else step
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model = build_model(model_state, meta, device)
+    model.eval()
+    tokenizer = get_tokenizer(os.path.join(base_dir, "tokenizer") if base_dir else None)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise NanochatError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.config.vocab_size} ({ckpt_dir})")
+    return model, tokenizer, meta

@@ -1,0 +1,107 @@
+"""
+Small utilities shared by the library and the scripts: the base directory, the one distributed
+entry point (compute_init / compute_cleanup), rank-0 printing and the user-facing error type.
+
+Import-safe: nothing here queries CUDA, touches the network or initialises a process group at
+import time.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class NanochatError(Exception):
+    """A problem with the user's input (a path, a flag, a file): reported as one line, exit 1."""
+
+
+def run_main(main):
+    """Run a script's main(); a NanochatError becomes a one-line message on stderr and exit code 1."""
+    try:
+        main()
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def get_base_dir():
+    """Root for tokenizer, checkpoints and reports: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (RANK from torchrun; a plain process is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment variables."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=None, seed=42):
+    """
+    The one distributed entry point. Works the same on CPU, one GPU and N GPUs (torchrun).
+
+    device_type: "cuda" | "cpu" | "mps" | None (autodetect).
+    Returns (ddp, rank, local_rank, world_size, device). Under torchrun initialises the process
+    group: NCCL on CUDA, gloo on CPU.
+    Raises NanochatError if CUDA is asked for but not available.
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise NanochatError("--device-type cuda was given but CUDA is not available")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path via a temp file in the same directory + os.replace (never a torn file)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

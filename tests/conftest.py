@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def byte_tokenizer():
+    """A real Tokenizer with only the 256 byte tokens (no merges) plus the special tokens."""
+    return Tokenizer({bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
+
+
+@pytest.fixture
+def byte_tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """An isolated NANOCHAT_BASE_DIR for the test."""
+    d = tmp_path / "base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
