@@ -153,6 +153,7 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     ckpt_dir = checkpoint_dir(stage, model_tag, base_dir)
     step = find_last_step(ckpt_dir) if step is None else step
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    meta.setdefault("model_tag", model_tag)
     model = build_model(model_state, meta, device)
     model.eval()
     tokenizer = get_tokenizer(os.path.join(base_dir, "tokenizer") if base_dir else None)

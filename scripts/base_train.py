@@ -79,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=str, default=None, help="parquet shard directory (default: $NANOCHAT_DATA_DIR or <base_dir>/base_data)")
     p.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA, 0 elsewhere)")
     p.add_argument("--seed", type=int, default=42, help="seed of the initialisation")
-    p.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook: inject a NaN loss at this step
+    # test hooks: inject a NaN loss / act as if SIGTERM arrived, at this step
+    p.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--stop-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -181,6 +183,7 @@ def main(argv=None):
     def save(step):
         meta = {
             "stage": "base",
+            "model_tag": model_tag,
             "step": step,
             "model_config": config.to_dict(),
             "args": vars(args),
@@ -207,6 +210,8 @@ def main(argv=None):
     val_bpb = loop_state.get("val_bpb")
     while True:
         last_step = step == num_iterations
+        if step == args.stop_at_step and step > start_step:
+            stop.requested, stop.signal_name = True, "--stop-at-step"
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and step > start_step):
             model.eval()
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
