@@ -60,7 +60,8 @@ class GPTConfig:
         """
         n_embd = max(head_dim, math.ceil(depth * aspect_ratio / head_dim) * head_dim)
         n_head = n_embd // head_dim
-        kwargs.setdefault("n_kv_head", n_head)
+        if kwargs.get("n_kv_head") is None:
+            kwargs["n_kv_head"] = n_head
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_embd=n_embd, **kwargs)
 
     def to_dict(self):

@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, list_steps, load_checkpoint, save_checkpoint
 from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import get_data_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import UnigramBaseline, evaluate_bpb
-from nanochat.optim import build_optimizer, get_lr_multiplier, get_muon_momentum
+from nanochat.optim import apply_schedules, build_optimizer
 from nanochat.scaling import derive_training_hparams, num_scaling_params
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import (
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this model tag")
+    p.add_argument("--resume-if-exists", action="store_true", help="--resume when a checkpoint exists, else start fresh (for recipes re-run after a failure)")
     p.add_argument("--run", type=str, default=None, help="wandb run name (no wandb logging when not given)")
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default: d<depth>)")
     p.add_argument("--num-samples", type=int, default=len(SAMPLE_PROMPTS), help="prompts completed at the end")
@@ -150,12 +151,14 @@ def main(argv=None):
         scalar_lr=hp["scalar_lr"],
         weight_decay=hp["weight_decay"],
         model_dim=config.n_embd,
+        grad_clip=args.grad_clip,
     )
 
     # -------------------------------------------------------------------------------- resume
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint_dir("base", model_tag)
     start_step, loop_state, loader_state = 0, {}, None
+    args.resume = args.resume or (args.resume_if_exists and bool(list_steps(ckpt_dir)))
     if args.resume:
         step = find_last_step(ckpt_dir)
         model_state, optim_state, meta = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
@@ -239,11 +242,7 @@ def main(argv=None):
 
         # one optimizer step: accumulate gradients over micro-batches
         timer.start()
-        lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group.get("kind") == "muon":
-                group["momentum"] = get_muon_momentum(step)
+        lrm, _ = apply_schedules(optimizer, step, num_iterations=num_iterations, warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
         train_loss = torch.zeros((), device=device)
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
@@ -256,8 +255,7 @@ def main(argv=None):
             torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
         loss_value = train_loss.item() / grad_accum_steps
         check_finite(loss_value, step, ckpt_dir)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        grad_norm = optimizer.step()  # gradients averaged over ranks, sharded update, params gathered
         model.zero_grad(set_to_none=True)
         dt = timer.stop()
         step += 1

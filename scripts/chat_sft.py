@@ -17,14 +17,16 @@ from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, find_lat
 from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, run_main
 from nanochat.optim import build_optimizer
 from nanochat.training import MetricsLogger, StepTimer, StopSignal, check_finite, format_eta, get_rng_state, set_rng_state
-from tasks.recipes import default_sft_mixture, load_recipe
+from tasks.recipe import load_recipe
+
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks", "recipes", "sft.json")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat SFT")
     p.add_argument("--source", type=str, default=None, choices=["base", "mid"], help="stage to start from (default: mid if present, else base)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag of the source and of the output (default: the latest)")
-    p.add_argument("--recipe", type=str, default=None, help="JSON/YAML mixture recipe (default: the built-in SFT mixture)")
+    p.add_argument("--recipe", type=str, default=None, help="JSON/YAML mixture recipe (default: tasks/recipes/sft.json)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="conversations are cut to this many tokens")
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per micro-batch per device")
     p.add_argument("--batch-size", type=int, default=32, help="conversations per optimizer step (all ranks)")
@@ -89,7 +91,7 @@ def main(argv=None):
     print0(f"fine-tuning {source} model ({model.num_params():,} parameters)")
 
     # -------------------------------------------------------------------------------- data
-    mixture = load_recipe(args.recipe) if args.recipe else default_sft_mixture()
+    mixture = load_recipe(args.recipe or DEFAULT_RECIPE)
     order = list(range(len(mixture)))
     random.Random(args.seed).shuffle(order)
     val_idx, train_idx = order[: args.val_conversations], order[args.val_conversations :]

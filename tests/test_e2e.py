@@ -22,7 +22,7 @@ def pipeline(tmp_path_factory):
     out["tok"] = run_script("scripts.tok_train", "--max-chars", 3_000_000, "--vocab-size", 1024, env=env)
     out["base"] = run_script("scripts.base_train", *BASE_ARGS, "--num-iterations", 150, "--eval-every", 75, env=env)
     recipe = tmp / "sft.json"
-    recipe.write_text('{"seed": 1, "tasks": [{"task": "CustomJSON", "path": "%s", "count": 400}]}' % os.path.join(SHARED_DATA, "chat", "self_instruct_human.jsonl"))
+    recipe.write_text('{"seed": 1, "tasks": [{"task": "CustomJSON", "args": {"path": "%s"}, "count": 400}]}' % os.path.join(SHARED_DATA, "chat", "self_instruct_human.jsonl"))
     out["sft"] = run_script("scripts.chat_sft", "--recipe", recipe, "--max-seq-len", 128, "--device-batch-size", 8, "--batch-size", 16, "--num-iterations", 20, "--val-conversations", 32, "--eval-every", 10, "--init-lr-frac", 0.5, env=env)
     out["cli"] = run_script("scripts.chat_cli", "-p", "What is the capital of France?", "--max-tokens", 24, "--temperature", 0, env=env)
     return out
