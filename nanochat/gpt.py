@@ -90,26 +90,33 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def attention(q, k, v, window):
+def attention(q, k, v, window, left_pad=None):
     """
     Causal (optionally sliding-window) attention where the Tq queries are the LAST Tq positions of
     the Tk keys (Tq == Tk in training, Tq < Tk when decoding against a KV cache).
     q: [B, Tq, H, D], k, v: [B, Tk, Hkv, D] (same dtype). window: keys visible per query
-    (including itself); >= Tk means full causal. Returns [B, Tq, H, D].
+    (including itself); >= Tk means full causal. left_pad: None or int64 [B], the number of padding
+    slots at the start of each row (a KV cache holding prompts of different lengths): those keys are
+    hidden. Returns [B, Tq, H, D].
     """
     Tq, Tk = q.size(1), k.size(1)
-    if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and Tq == Tk:
+    if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and Tq == Tk and left_pad is None:
         return _fa3_func(q, k, v, causal=True, window_size=(window - 1 if window < Tk else -1, 0))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants [B, H, T, D]
     gqa = k.size(1) != q.size(1)
-    if Tq == Tk and window >= Tk:
+    if Tq == Tk and window >= Tk and left_pad is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif Tq == 1 and window >= Tk:
+    elif Tq == 1 and window >= Tk and left_pad is None:
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees all keys
     else:
         q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         k_pos = torch.arange(Tk, device=q.device)[None, :]
         allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)
+        if left_pad is not None:
+            # [B, 1, Tq, Tk]; a padding query keeps its own key so its softmax row is not empty
+            # (an all-masked row gives NaN, which would then leak through 0 * NaN in later layers)
+            real = k_pos[None] >= left_pad[:, None, None]
+            allowed = ((allowed & real) | (k_pos == q_pos))[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
     return y.transpose(1, 2)
 
@@ -135,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far: [B, Tk, Hkv, D]
-        y = attention(q, k, v, self.window)
+        y = attention(q, k, v, self.window, kv_cache.left_pad if kv_cache is not None else None)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -236,7 +243,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """
         idx: int64 [B, T] token ids. targets: int64 [B, T] or None; -1 = ignored position.
-        kv_cache: an engine.KVCache (inference) or None; positions continue from kv_cache.pos.
+        kv_cache: an engine.KVCache (inference) or None; positions continue from kv_cache.pos, minus
+        kv_cache.left_pad[b] for row b when the cache holds left-padded prompts of different lengths.
         Returns fp32 logits [B, T, vocab_size] if targets is None, else the fp32 cross-entropy loss
         (scalar for "mean"/"sum", [B, T] for "none"; nats per token).
         """
@@ -245,7 +253,12 @@ class GPT(nn.Module):
         if t0 + T > self.rotary_seq_len:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the RoPE table ({self.rotary_seq_len})")
         compute_dtype = torch.bfloat16 if idx.device.type == "cuda" else torch.float32
-        cos_sin = (self.cos[:, t0 : t0 + T].to(compute_dtype), self.sin[:, t0 : t0 + T].to(compute_dtype))
+        left_pad = kv_cache.left_pad if kv_cache is not None else None
+        if left_pad is None:
+            cos_sin = (self.cos[:, t0 : t0 + T].to(compute_dtype), self.sin[:, t0 : t0 + T].to(compute_dtype))
+        else:  # per-row positions [B, T] (padding slots get position 0; they are masked anyway)
+            pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - left_pad[:, None]).clamp(min=0)
+            cos_sin = (self.cos[0, pos].to(compute_dtype), self.sin[0, pos].to(compute_dtype))  # [B, T, 1, D/2]
         x = norm(self.transformer.wte(idx).to(compute_dtype))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
@@ -258,6 +271,6 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction).view(
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction).view(
             () if loss_reduction != "none" else (B, T)
         )

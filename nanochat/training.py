@@ -170,6 +170,27 @@ class StepTimer:
         return time.perf_counter() - self.t
 
 
+def train_step(model, optimizer, batches, grad_accum_steps):
+    """
+    One optimizer step: forward and backward over grad_accum_steps micro-batches taken from
+    `batches` (an iterator of (inputs, targets) int64 [B, T]), then optimizer.step(), which averages
+    gradients over ranks. Returns (loss, grad_norm): the mean loss over the micro-batches and ranks
+    (0-D fp32 tensor, still on the device: reading it synchronises) and the optimizer's grad norm.
+    """
+    loss_sum = None
+    for _ in range(grad_accum_steps):
+        x, y = next(batches)
+        loss = model(x, y)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        (loss / grad_accum_steps).backward()
+    grad_norm = optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = loss_sum / grad_accum_steps
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
+    return mean_loss, grad_norm
+
+
 def format_eta(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"

@@ -35,6 +35,7 @@ from nanochat.training import (
     get_peak_flops,
     get_rng_state,
     set_rng_state,
+    train_step,
 )
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
@@ -243,20 +244,11 @@ def main(argv=None):
         # one optimizer step: accumulate gradients over micro-batches
         timer.start()
         lrm, _ = apply_schedules(optimizer, step, num_iterations=num_iterations, warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
-        train_loss = torch.zeros((), device=device)
-        for _ in range(grad_accum_steps):
-            x, y = next(train_loader)
-            loss = train_model(x, y)
-            train_loss += loss.detach()
-            (loss / grad_accum_steps).backward()
+        train_loss, grad_norm = train_step(train_model, optimizer, train_loader, grad_accum_steps)
         if step == args.nan_at_step:
             train_loss = train_loss * float("nan")
-        if ddp:
-            torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
-        loss_value = train_loss.item() / grad_accum_steps
+        loss_value = train_loss.item()
         check_finite(loss_value, step, ckpt_dir)
-        grad_norm = optimizer.step()  # gradients averaged over ranks, sharded update, params gathered
-        model.zero_grad(set_to_none=True)
         dt = timer.stop()
         step += 1
 
