@@ -256,7 +256,7 @@ def main(argv=None):
         if step > start_step + 1:
             total_time += dt  # the first step of a process includes compilation and warm-up
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        debiased = smooth_loss / (1 - 0.9 ** (step - start_step)) if start_step == 0 else smooth_loss
+        debiased = smooth_loss / (1 - 0.9**step)  # smooth_loss is part of the resume state
         tok_per_s = total_batch_size / dt
         mfu = flops_per_token * tok_per_s / (peak_flops * world_size) if peak_flops else None
         eta = (num_iterations - step) * (total_time / max(step - start_step - 1, 1))
