@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per bpb evaluation")
     p.add_argument("--core-every", type=int, default=-1, help="steps between CORE evaluations (-1: never during training)")
     p.add_argument("--core-max-per-task", type=int, default=500, help="examples per CORE task during training")
+    p.add_argument("--eval-dir", type=str, default=None, help="CORE data dir (default: $NANOCHAT_EVAL_DIR or <base_dir>/eval_bundle)")
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this model tag")
@@ -92,6 +93,10 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     print0(json.dumps(vars(args)))
     data_dir = get_data_dir(args.data_dir)
+    if args.core_every > 0:  # fail now, not hours into the run at the first CORE evaluation
+        from nanochat.core_eval import evaluate_core, get_eval_dir
+
+        get_eval_dir(args.eval_dir)
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes(device)
 
@@ -224,10 +229,8 @@ def main(argv=None):
             logger.log({"step": step, "val_bpb": val_bpb})
             loop_state["val_bpb"] = val_bpb
         if args.core_every > 0 and (last_step or (step % args.core_every == 0 and step > start_step)):
-            from nanochat.core_eval import evaluate_core
-
             model.eval()
-            core = evaluate_core(model, tokenizer, device, max_per_task=args.core_max_per_task)
+            core = evaluate_core(model, tokenizer, device, max_per_task=args.core_max_per_task, eval_dir=args.eval_dir)
             model.train()
             print0(f"step {step:05d} | CORE {core['core']:.4f}")
             logger.log({"step": step, "core": core["core"]})
