@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import DecodeBatch, Engine, GenerationRequest, KVCache, sample_next_token
 from test_gpt import make_model
 
 
@@ -81,3 +82,125 @@ def test_kv_cache_bytes():
     cache = KVCache.for_model(model, 2, 16)
     c = model.config
     assert cache.nbytes() == 2 * c.n_layer * 2 * 16 * c.n_kv_head * (c.n_embd // c.n_head) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of different prompts: left padding, per-row positions, continuous batching
+
+def full_logits(model, ids):
+    """Next-token logits after each prefix of ids, from one uncached forward: fp32 [len(ids), V]."""
+    return model(torch.tensor([ids]))[0]
+
+
+@pytest.mark.parametrize("lengths", [(7,), (5, 9, 12)])
+@pytest.mark.parametrize("pattern", ["L", "SSL"])
+def test_left_padded_cache_matches_full_forward(pattern, lengths):
+    """Prompts (one of length 7; or lengths 5, 9, 12 in one left-padded batch) prefilled, then 6
+    decode steps: every row's logits equal its own uncached forward (<= 1e-5, fp32; sliding
+    windows and GQA included)."""
+    model = make_model(window_pattern=pattern, sliding_window=4)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 97, (n + 6,), generator=gen).tolist() for n in lengths]
+    L = max(lengths)
+    cache = KVCache.for_model(model, len(seqs), L + 6, left_pad=[L - (len(s) - 6) for s in seqs])
+    idx = torch.tensor([[0] * (L - (len(s) - 6)) + s[:-6] for s in seqs])
+    steps = [model(idx, kv_cache=cache)[:, -1]]
+    for t in range(5):
+        steps.append(model(torch.tensor([[s[len(s) - 6 + t]] for s in seqs]), kv_cache=cache)[:, -1])
+    assert cache.lengths() == [len(s) - 1 for s in seqs]
+    for b, s in enumerate(seqs):
+        want = full_logits(model, s)[len(s) - 7 : len(s) - 1]
+        torch.testing.assert_close(torch.stack([x[b] for x in steps]), want, atol=1e-5, rtol=0)
+
+
+def test_continuous_batching_matches_full_forward(byte_tok):
+    """Requests join a running batch (one longer than the batch so far, one shorter), one is
+    cancelled mid-way and rows finish at different steps; after every step each row's next-token
+    logits equal an uncached forward of its prompt + tokens so far (<= 1e-5, fp32)."""
+    model = make_model(vocab_size=byte_tok.vocab_size, window_pattern="SL", sliding_window=6)
+    batch = DecodeBatch(model, byte_tok)
+    prompts = {"a": byte_tok.encode("hello", prepend="<|bos|>"), "b": byte_tok.encode("a much longer prompt", prepend="<|bos|>"),
+               "c": byte_tok.encode("hi", prepend="<|bos|>"), "d": byte_tok.encode("cancel me", prepend="<|bos|>")}
+    settings = {"a": {"num_samples": 2, "max_tokens": 9, "temperature": 1.0, "seed": 1}, "b": {"max_tokens": 6, "temperature": 0.0},
+                "c": {"num_samples": 3, "max_tokens": 5, "temperature": 0.8, "top_k": 20, "seed": 2}, "d": {"max_tokens": 50, "temperature": 0.0}}
+    generated = {(k, s): [] for k in prompts for s in range(settings[k].get("num_samples", 1))}
+    checked = 0
+
+    def check():
+        nonlocal checked
+        for i, row in enumerate(batch.rows):
+            ids = prompts[row.group.key] + generated[(row.group.key, row.sample)]
+            torch.testing.assert_close(batch.logits[i], full_logits(model, ids)[-1], atol=1e-5, rtol=0)
+            checked += 1
+
+    def step():
+        for e in batch.step():
+            generated[(e.key, e.sample)].append(e.token)
+        check()
+
+    batch.add([GenerationRequest(prompts["a"], **settings["a"]), GenerationRequest(prompts["d"], **settings["d"])], keys=["a", "d"])
+    check()
+    step(), step()
+    batch.add([GenerationRequest(prompts["b"], **settings["b"])], keys=["b"])  # longer: the batch shifts right
+    check()
+    step()
+    batch.cancel("d")
+    step()
+    batch.add([GenerationRequest(prompts["c"], **settings["c"])], keys=["c"])  # shorter: left-padded
+    check()
+    while len(batch):
+        step()
+    assert checked > 30
+    assert len(generated[("d", 0)]) == 3  # cancelled after three steps
+    for key, cfg in settings.items():  # every other row ran to a stop token or to its max_tokens
+        for s in range(cfg.get("num_samples", 1)):
+            toks = generated[(key, s)]
+            if key != "d":
+                assert len(toks) == cfg["max_tokens"] or toks[-1] in (byte_tok.bos_token_id, byte_tok.special_tokens["<|assistant_end|>"])
+
+
+def test_batched_prompts_match_alone(byte_tok):
+    """generate_many over prompts of different lengths gives each request exactly what it gets
+    alone (greedy and seeded sampling: each request has its own generator), with per-request
+    max_tokens and stop tokens."""
+    model = make_model(vocab_size=byte_tok.vocab_size)
+    engine = Engine(model, byte_tok)
+    texts = ["x", "the quick brown fox", "1+2=", "lorem ipsum"]
+    reqs = [GenerationRequest(byte_tok.encode(t, prepend="<|bos|>"), num_samples=n, max_tokens=m, temperature=temp, seed=s, stop_tokens=stop)
+            for t, n, m, temp, s, stop in zip(texts, [1, 2, 1, 3], [12, 7, 10, 4], [0.0, 1.0, 0.7, 1.2], [0, 1, 2, 3], [(), (), (byte_tok.encode("e")[0],), ()])]
+    together = {(i, s): [] for i, r in enumerate(reqs) for s in range(r.num_samples)}
+    finishes = {}
+    for events in engine.generate_many(reqs):
+        for e in events:
+            assert (e.key, e.sample) not in finishes  # nothing after a row's last event
+            together[(e.key, e.sample)].append(e.token)
+            if e.finish:
+                finishes[(e.key, e.sample)] = e.finish
+    assert set(finishes) == set(together)
+    for i, r in enumerate(reqs):
+        alone, _ = engine.generate_batch(r.tokens, r.num_samples, max_tokens=r.max_tokens, temperature=r.temperature, seed=r.seed, stop_tokens=list(r.stop_tokens))
+        for s in range(r.num_samples):
+            toks = together[(i, s)]
+            if finishes[(i, s)] == "stop":
+                assert toks[-1] in {*r.stop_tokens, byte_tok.bos_token_id, byte_tok.special_tokens["<|assistant_end|>"]}
+                toks = toks[:-1]
+            else:
+                assert len(toks) == r.max_tokens
+            assert toks == alone[s]
+
+
+def test_cache_concat_and_expand():
+    model = make_model()
+    cache = KVCache.for_model(model, 2, 10, left_pad=[0, 3])
+    model(torch.randint(0, 97, (2, 6)), kv_cache=cache)
+    merged = KVCache.concat([(cache, [1, 1, 0], 0)], 12)
+    assert merged.pos == 6 and merged.pad == [3, 3, 0] and merged.max_len == 12
+    torch.testing.assert_close(merged.k[:, 2, :6], cache.k[:, 0, :6])
+    torch.testing.assert_close(merged.k[:, 0, :6], cache.k[:, 1, :6])
+    trimmed = KVCache.concat([(cache, [1], 3)], 7)  # row 1's 3 padding slots dropped
+    assert trimmed.pos == 3 and trimmed.pad == [0] and trimmed.left_pad is None
+    torch.testing.assert_close(trimmed.k[:, 0, :3], cache.k[:, 1, 3:6])
+    with pytest.raises(ValueError, match="drops real tokens"):
+        KVCache.concat([(cache, [0, 1], 2)], 10)
+    wide = cache.expand(4)
+    assert wide.pad == [0] * 4 and torch.equal(wide.v[:, 3, :6], cache.v[:, 0, :6])
