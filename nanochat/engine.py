@@ -48,7 +48,7 @@ class KVCache:
         """A cache shaped for model (fp32 on CPU, bf16 on CUDA, the model's compute dtype)."""
         c = model.config
         device = model.lm_head.weight.device
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = model.get_compute_dtype(device)
         return cls(c.n_layer, batch_size, max_len, c.n_kv_head, c.n_embd // c.n_head, device, dtype, left_pad)
 
     @property

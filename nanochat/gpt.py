@@ -12,8 +12,10 @@ Architecture (each choice's source in brackets):
 - optional sliding-window attention chosen per layer by a pattern such as "SSSL"
   (S = window of sliding_window tokens, L = full context) [Beltagy et al. 2020; Gemma 2]
 
-Precision: parameters live in fp32; on CUDA activations are computed in bf16 by casting weights
-at their point of use (no autocast); on CPU everything is fp32. Logits and loss are fp32.
+Precision: parameters live in fp32; activations are computed in the model's compute dtype by
+casting weights at their point of use (no autocast): bf16 on CUDA, fp32 elsewhere unless
+`model.compute_dtype` says otherwise (bf16 pays off on CPUs with AMX / AVX512-BF16, e.g. Xeon
+Sapphire Rapids, and is slower than fp32 on most others). Logits and loss are always fp32.
 """
 
 import math
@@ -168,9 +170,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, compute_dtype=None):
         super().__init__()
         self.config = config
+        self.compute_dtype = compute_dtype  # None: bf16 on CUDA, fp32 elsewhere
         self.windows = self.layer_windows(config)
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
@@ -225,6 +228,11 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def get_compute_dtype(self, device):
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -252,7 +260,7 @@ class GPT(nn.Module):
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.rotary_seq_len:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the RoPE table ({self.rotary_seq_len})")
-        compute_dtype = torch.bfloat16 if idx.device.type == "cuda" else torch.float32
+        compute_dtype = self.get_compute_dtype(idx.device)
         left_pad = kv_cache.left_pad if kv_cache is not None else None
         if left_pad is None:
             cos_sin = (self.cos[:, t0 : t0 + T].to(compute_dtype), self.sin[:, t0 : t0 + T].to(compute_dtype))

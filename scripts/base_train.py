@@ -80,6 +80,7 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--data-dir", type=str, default=None, help="parquet shard directory (default: $NANOCHAT_DATA_DIR or <base_dir>/base_data)")
+    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype of activations (auto: bf16 on CUDA, fp32 elsewhere; bf16 helps CPUs with AMX)")
     p.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA, 0 elsewhere)")
     p.add_argument("--seed", type=int, default=42, help="seed of the initialisation")
     # test hooks: inject a NaN loss / act as if SIGTERM arrived, at this step
@@ -107,6 +108,7 @@ def main(argv=None):
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
+    model.compute_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model.init_weights(seed=args.seed)
     n_params, n_scaling = model.num_params(), num_scaling_params(model)
     flops_per_token = model.estimate_flops()
