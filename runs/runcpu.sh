@@ -1,36 +1,34 @@
 #!/usr/bin/env bash
-# The whole pipeline at toy scale on a CPU (about 25 minutes on 2 cores): tokenizer -> base
-# pretraining -> chat SFT -> a reply from the chat CLI. It is a demo of the machinery, not a
-# useful model: it trains ~2M tokens where the speedrun trains ~10B.
+# The whole recipe of speedrun.sh at toy scale on a CPU (about 25 minutes on 2 cores), ending with a
+# reply from the chat CLI. A demo of the machinery, not a useful model: it trains ~2M tokens where
+# the speedrun trains ~10B.
 #
 #   NANOCHAT_DATA_ROOT=../shared/data bash runs/runcpu.sh     # local data (pretrain/, tasks/, chat/, ...)
 #   bash runs/runcpu.sh                                       # downloads 4 FineWeb-Edu shards instead
 #
-# Configuration chosen for a 2-core CPU (measured: docs/LOG.md), each knob the largest that keeps
-# the run inside its budget:
-# - vocab 8192: on CPU the lm_head matmul dominates a small model; 8K tokens still compress
-#   English prose ~4 bytes/token, while 32K-65K would double the step time at depth 4.
-# - depth 4 (n_embd 256, 2 heads of 128): ~3K tokens/s fp32 on 2 cores; depth 6 runs at half that.
-# - seq_len 256: attention cost grows with it and a 7M-parameter model gains little past 256.
-# - 250 steps x 8192 tokens (2M tokens, ~0.3 tokens per parameter... far from Chinchilla's 20, the
-#   budget is the limit), LR schedule warmdown over the last 40%.
+# Configuration for a 2-core CPU; the measurements behind it are in docs/LOG.md:
+# - vocab 8192: on a CPU the lm_head matmul dominates a small model (V x n_embd per token); 8K
+#   tokens still compress prose to ~4 bytes/token, while 32K would double the step time at depth 4.
+# - depth 4 (n_embd 256, 2 heads of 128): ~3K tokens/s in fp32 on 2 cores; depth 6 is half that.
+# - seq_len 256: attention grows with it, and a 7M-parameter model gains little context past 256.
+# - 250 steps of 8192 tokens (2M tokens, 0.3 per parameter, far below Chinchilla's 20: the time
+#   budget is the limit), warmdown over the last 40%.
+# - every other stage gets a few minutes: SFT 100 steps of 16 conversations, short evals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat/runcpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-source runs/setup.sh
-source runs/stages.sh
+export NPROC=1 DEPTH=4 NUM_SHARDS=4 TOK_SHARDS=2 SKIP_RL=${SKIP_RL:-0} GPU_HOUR_PRICE=0
+export TOK_ARGS="--max-chars 50000000 --vocab-size 8192"
+export BASE_ARGS="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-iterations 250 --eval-every 125 --eval-tokens 262144 --save-every 125"
+export BASE_EVAL_ARGS="--max-per-task 20 --split-tokens 262144 --device-batch-size 16"
+export MID_ARGS="--max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 40 --val-conversations 64"
+export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --batch-size 16 --num-iterations 60 --val-conversations 64 --eval-every 30 --init-lr-frac 0.5"
+export RL_ARGS="--num-steps 4 --questions-per-step 2 --num-samples 4 --max-new-tokens 64 --eval-every -1"
+export CHAT_EVAL_ARGS="--max-problems 20 --max-new-tokens 64 --tasks ARC-Easy,MMLU,GSM8K,SpellingBee"
 
-if [ -z "${NANOCHAT_DATA_DIR:-}" ]; then
-    run_stage download python -m nanochat.dataset -n 4
-fi
-run_stage tok_train python -m scripts.tok_train --max-chars 50000000 --vocab-size 8192
-run_stage base_train python -m scripts.base_train \
-    --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 \
-    --num-iterations 250 --eval-every 125 --eval-tokens 262144 --save-every 125 --resume-if-exists
-run_stage chat_sft python -m scripts.chat_sft \
-    --max-seq-len 256 --device-batch-size 8 --batch-size 16 --num-iterations 100 \
-    --val-conversations 128 --eval-every 50 --init-lr-frac 0.5
-python -m scripts.chat_cli -p "What is the capital of France?" --temperature 0 --max-tokens 64
+bash speedrun.sh
+.venv/bin/python -m scripts.chat_cli -p "What is the capital of France?" --temperature 0 --max-tokens 64
 echo "== stage times (s)"
 cat "$NANOCHAT_BASE_DIR/stages/times.tsv"

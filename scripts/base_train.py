@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from nanochat import report
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, list_steps, load_checkpoint, save_checkpoint
 from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
@@ -283,6 +284,13 @@ def main(argv=None):
         unigram_bpb = unigram.evaluate_bpb(val_batches(), eval_steps, token_bytes)
         print0(f"final val bpb {val_bpb:.4f} | unigram baseline val bpb {unigram_bpb:.4f} (token frequencies of {trained_tokens:,} training tokens)")
         logger.log({"step": step, "final_val_bpb": val_bpb, "unigram_val_bpb": unigram_bpb, "train_time_s": total_time, "num_params": n_params})
+        steps_timed = max(num_iterations - start_step - 1, 1)
+        tok_per_s = total_batch_size * steps_timed / max(total_time, 1e-9)
+        report.log_stage("base_train", args=vars(args), metrics_file=logger.path, metrics={
+            "num_params": n_params, "num_scaling_params": n_scaling, "tokens": num_iterations * total_batch_size, "val_bpb": val_bpb,
+            "unigram_val_bpb": unigram_bpb, "tok_per_s": tok_per_s, "mfu": flops_per_token * tok_per_s / (peak_flops * world_size) if peak_flops else None,
+            "train_time_s": total_time,
+        })
         if rank == 0 and args.num_samples > 0:
             engine = Engine(model.eval(), tokenizer)
             for prompt in SAMPLE_PROMPTS[: args.num_samples]:

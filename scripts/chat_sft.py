@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from nanochat import report
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, find_latest_model_tag, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, run_main
 from nanochat.optim import build_optimizer
@@ -199,6 +200,8 @@ def main(argv=None):
         eta = (num_iterations - step) * total_time / (step - start_step)
         print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} | lr x{lrm:.3f} | {dt * 1000:.0f} ms | {n_tokens * world_size / dt:,.0f} tok/s | eta {format_eta(eta)}")
         logger.log({"step": step, "loss": loss_value, "lr_mult": lrm, "dt": dt})
+    if step == num_iterations:
+        report.log_stage("chat_sft", args=vars(args), metrics_file=logger.path, metrics={"val_loss": vl, "train_time_s": total_time, "source": source})
     logger.finish()
     compute_cleanup()
 

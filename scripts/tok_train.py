@@ -8,6 +8,7 @@ Train the BPE tokenizer on the first --max-chars characters of the training shar
 import argparse
 import time
 
+from nanochat import report
 from nanochat.common import NanochatError, run_main
 from nanochat.dataset import get_data_dir, parquets_iter_batched
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
@@ -58,6 +59,7 @@ def main():
         n_bytes += len(doc.encode("utf-8"))
         n_tokens += len(ids)
     print(f"validation compression: {n_bytes / max(n_tokens, 1):.3f} bytes/token over {len(val_docs)} documents")
+    report.log_stage("tok_train", args=vars(args), metrics={"vocab_size": tokenizer.vocab_size, "train_time_s": train_time, "val_bytes_per_token": n_bytes / max(n_tokens, 1)})
 
 
 if __name__ == "__main__":
