@@ -1,10 +1,7 @@
-import os
-
 import pytest
 
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
-
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+from scripts_util import SHARED_DATA  # noqa: F401  (also exports $NANOCHAT_SHARED_DATA before test modules load)
 
 
 def byte_tokenizer():

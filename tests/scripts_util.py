@@ -6,7 +6,21 @@ import subprocess
 import sys
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SHARED_DATA = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
+
+
+def find_shared_data():
+    """The real data sets (shared/data of this workplace): $NANOCHAT_SHARED_DATA, else ../shared/data
+    beside the repository, else /work/shared/data (where CI's clean clone may live elsewhere).
+    Tests that need it skip when none exists."""
+    candidates = [os.environ.get("NANOCHAT_SHARED_DATA"), os.path.join(REPO, "..", "shared", "data"), "/work/shared/data"]
+    for c in candidates:
+        if c and os.path.isdir(c):
+            return os.path.abspath(c)
+    return os.path.abspath(candidates[1])
+
+
+SHARED_DATA = find_shared_data()
+os.environ.setdefault("NANOCHAT_SHARED_DATA", SHARED_DATA)  # for tests that read the variable directly
 
 
 def run_script(module, *args, env, timeout=600, check=True):

@@ -19,7 +19,7 @@ from nanochat.dataloader import MAX_AGE_FACTOR, DataLoader
 from nanochat.dataset import shard_name
 
 BOS = 256
-SHARED_PRETRAIN = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pretrain"))
+SHARED_PRETRAIN = os.path.join(os.environ["NANOCHAT_SHARED_DATA"], "pretrain")  # set by conftest
 
 
 class ByteTokenizer:
