@@ -81,7 +81,7 @@ if want base; then
 fi
 
 if want mid; then
-    run_stage mid_train launch scripts.mid_train $MID_ARGS
+    run_stage mid_train launch scripts.mid_train $MID_ARGS --resume-if-exists
     run_stage chat_eval_mid launch scripts.chat_eval --source mid $CHAT_EVAL_ARGS
 fi
 

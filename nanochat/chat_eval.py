@@ -1,0 +1,314 @@
+"""
+Evaluation of chat models on tasks (tasks/): the loops that scripts/chat_eval.py, chat_rl and the
+report share.
+
+Categorical tasks (MMLU, ARC; each conversation carries its answer "letters"): the prompt is the
+conversation up to <|assistant_start|> (Tokenizer.render_for_completion); the model's prediction
+is the letter whose token has the largest logit at that last position, among the problem's letters
+only. Prompts are batched: sorted by length, right-padded, and the logits gathered at each row's
+last real position (causal attention: the padding after a row cannot change it).
+
+Generative tasks (GSM8K, HumanEval, SpellingBee): num_samples completions per problem through the
+Engine (KV cache, several problems decoded as one batch, python tool calls run in the sandbox of
+nanochat/execution.py), each judged by the task's evaluate(). A sandboxed program that times out
+or crashes is a failure that evaluate() reports; a judge that raises is a failed sample too,
+counted in "eval_errors": one sample never stops the evaluation. Reported: pass@k with the
+unbiased estimator of Chen et al. 2021, and accuracy = pass@1.
+
+ChatCORE (nanochat): the mean over tasks of the accuracy centred by its chance level,
+(acc - chance) / (1 - chance); chance is the mean of 1 / (number of choices) over the problems
+of a categorical task (ARC questions have 3 to 5 choices), 0 for a generative task.
+
+Distributed (process group initialised): problems are striped over ranks, the sums all-reduced;
+every rank returns the global result. A problem's samples are seeded by its index, so results do
+not depend on the number of ranks.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.common import NanochatError
+from tasks.common import assistant_text
+
+CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+# Logits of one categorical batch are [B, T, vocab_size] fp32 (the model returns every position):
+# B and the padded T are capped so that this stays under LOGITS_BUDGET_BYTES.
+LOGITS_BUDGET_BYTES = 1 << 30
+SPELLING_BEE_PROBLEMS = 256  # SpellingBee is synthetic: this many test problems (nanochat's number)
+
+
+def load_chat_task(name, tasks_dir=None):
+    """The evaluation split of a task by its name in CHAT_TASKS (test splits; SpellingBee: 256
+    synthetic test problems). Raises NanochatError for an unknown name or missing data."""
+    from tasks.arc import ARC
+    from tasks.gsm8k import GSM8K
+    from tasks.humaneval import HumanEval
+    from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
+
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        return ARC(subset=name, split="test", tasks_dir=tasks_dir)
+    if name == "MMLU":
+        return MMLU(split="test", tasks_dir=tasks_dir)
+    if name == "GSM8K":
+        return GSM8K(split="test", tasks_dir=tasks_dir)
+    if name == "HumanEval":
+        return HumanEval(tasks_dir=tasks_dir)
+    if name == "SpellingBee":
+        return SpellingBee(size=SPELLING_BEE_PROBLEMS, split="test", tasks_dir=tasks_dir)
+    raise NanochatError(f"unknown chat task {name!r}; expected one of {', '.join(CHAT_TASKS)}")
+
+
+# -----------------------------------------------------------------------------
+# Scores
+
+
+def pass_at_k(n, c, k):
+    """
+    Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code", arXiv:2107.03374, eq. 1 and its numerically
+    stable product form): 1 - C(n - c, k) / C(n, k). Returns a float in [0, 1].
+    Raises ValueError unless 0 <= c <= n and 1 <= k <= n.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def report_ks(num_samples):
+    """The k of pass@k reported for num_samples samples per problem: 1, 10, 100 up to n, and n."""
+    return sorted({k for k in (1, 10, 100) if k <= num_samples} | {num_samples})
+
+
+def centered(accuracy, chance):
+    """(accuracy - chance) / (1 - chance): 0 at chance level, 1 when every answer is right."""
+    return (accuracy - chance) / (1.0 - chance)
+
+
+def chat_core(results):
+    """ChatCORE: the mean centred score of results (a list of evaluate_task dicts); None if empty."""
+    return float(np.mean([r["centered"] for r in results])) if results else None
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sums(sums, device):
+    """Sum a dict of numbers over ranks (fixed key order); returns a dict of floats."""
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def select_problems(num_problems, max_problems=-1, seed=42):
+    """The problems to evaluate: all of them in order, or a fixed pseudo-random subset of
+    max_problems (the same on every rank and run: test sets are often sorted by subject)."""
+    if max_problems < 0 or max_problems >= num_problems:
+        return list(range(num_problems))
+    return sorted(np.random.default_rng(seed).permutation(num_problems)[:max_problems].tolist())
+
+
+def letter_token_ids(tokenizer, letters):
+    """The token id of each answer letter. Raises NanochatError if a letter is not a single token."""
+    ids = []
+    for letter in letters:
+        tokens = tokenizer.encode(letter)
+        if len(tokens) != 1:
+            raise NanochatError(f"the tokenizer encodes the answer letter {letter!r} as {len(tokens)} tokens; categorical evaluation needs one token per letter")
+        ids.append(tokens[0])
+    return ids
+
+
+def fit_prompt(ids, limit):
+    """Keep the last `limit` tokens of a prompt (only prompts longer than the model can run are cut:
+    the question's tail, its choices and the instruction matter most). Returns (ids, was_cut)."""
+    return (ids, False) if len(ids) <= limit else (ids[-limit:], True)
+
+
+# -----------------------------------------------------------------------------
+# The two loops (this rank's problems; no communication)
+
+
+@torch.no_grad()
+def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_budget_bytes=LOGITS_BUDGET_BYTES, log=None):
+    """
+    Score categorical problems task[i] for i in indices. model(idx) -> fp32 logits [B, T, vocab_size].
+    log: called with a progress line now and then, or None.
+    Returns (sums, outcomes): sums = {"problems", "correct", "chance", "cropped"} (chance: the sum of
+    1 / number of letters), outcomes = {index: (predicted letter, [logit of each letter], fp32 values)}.
+    """
+    device = model.lm_head.weight.device
+    limit = getattr(model, "rotary_seq_len", None) or model.config.sequence_len
+    vocab_size = model.config.vocab_size
+    items, cropped, chance = [], 0, 0.0
+    for i in indices:
+        conversation = task[i]
+        letters = conversation["letters"]
+        ids, cut = fit_prompt(tokenizer.render_for_completion(conversation), limit)
+        cropped += cut
+        chance += 1.0 / len(letters)
+        items.append((i, ids, letters, letter_token_ids(tokenizer, letters), assistant_text(conversation["messages"][-1]).strip()))
+    items.sort(key=lambda item: -len(item[1]))  # similar lengths together: little padding
+    outcomes, correct, start, reported, t0 = {}, 0, 0, 0, time.time()
+    while start < len(items):
+        T = len(items[start][1])  # the longest of the batch (sorted)
+        B = max(1, min(batch_size, logits_budget_bytes // (T * vocab_size * 4)))
+        batch = items[start : start + B]
+        start += len(batch)
+        x = torch.full((len(batch), T), tokenizer.bos_token_id, dtype=torch.long)
+        for row, (_, ids, _, _, _) in enumerate(batch):
+            x[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logits = model(x.to(device))
+        last = torch.tensor([len(ids) - 1 for _, ids, _, _, _ in batch], device=device)
+        final = logits[torch.arange(len(batch), device=device), last]  # [B, vocab_size]
+        for row, (i, _, letters, letter_ids, answer) in enumerate(batch):
+            letter_logits = final[row, letter_ids]
+            predicted = letters[int(letter_logits.argmax())]
+            outcomes[i] = (predicted, letter_logits.tolist())
+            correct += predicted == answer
+        if log is not None and (start - reported >= max(1, len(items) // 10) or start == len(items)):
+            reported = start
+            log(f"  {start}/{len(items)} problems scored ({time.time() - t0:.0f}s)")
+    return {"problems": len(items), "correct": correct, "chance": chance, "cropped": cropped}, outcomes
+
+
+def _judge(task, conversation, completion):
+    """(correct, error message or None): a judge that raises is a failed sample, not a crash."""
+    try:
+        return bool(task.evaluate(conversation, completion)), None
+    except Exception as e:  # noqa: BLE001 - any failure of one sample's check is that sample failing
+        return False, f"{type(e).__name__}: {e}"
+
+
+def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=None, seed=42, batch_size=8, workers=4, log=None):
+    """
+    Sample num_samples completions for each problem task[i], i in indices, with engine (a
+    nanochat.engine.Engine), and judge them with task.evaluate() on a thread pool (HumanEval runs
+    each in a sandboxed subprocess) while the next problems are generated.
+    batch_size problems are decoded together (Engine.generate_many: batch_size x num_samples rows);
+    problem i is sampled with its own seed + i, so its samples do not depend on the batching.
+    log: called with a progress line now and then, or None.
+    Returns (sums, outcomes): sums = {"problems", "samples", "correct_samples", "eval_errors",
+    "cropped", "pass@k" for k in report_ks(num_samples)} (pass@k summed over problems),
+    outcomes = {index: list of (completion, correct)}.
+    """
+    from nanochat.engine import GenerationRequest
+
+    model = engine.model
+    limit = getattr(model, "rotary_seq_len", model.config.sequence_len) - max_new_tokens
+    if limit < 1:
+        raise NanochatError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's {limit + max_new_tokens} positions")
+    ks = report_ks(num_samples)
+    pending, cropped, first_error = [], 0, None
+    t0, reported = time.time(), 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chat-eval-judge") as pool:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            conversations, requests = [task[i] for i in chunk], []
+            for i, conversation in zip(chunk, conversations):
+                ids, cut = fit_prompt(tokenizer.render_for_completion(conversation), limit)
+                cropped += cut
+                requests.append(GenerationRequest(ids, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i))
+            samples = [[[] for _ in range(num_samples)] for _ in chunk]
+            for events in engine.generate_many(requests):
+                for e in events:
+                    if e.finish != "stop":  # the stop token itself is not part of the completion
+                        samples[e.key][e.sample].append(e.token)
+            for i, conversation, tokens in zip(chunk, conversations, samples):
+                completions = [tokenizer.decode(t) for t in tokens]
+                pending.append((i, completions, [pool.submit(_judge, task, conversation, c) for c in completions]))
+            done = start + len(chunk)
+            if log is not None and (done - reported >= max(1, len(indices) // 10) or done == len(indices)):
+                reported = done
+                log(f"  {done}/{len(indices)} problems generated ({time.time() - t0:.0f}s)")
+        sums = {"problems": len(indices), "samples": len(indices) * num_samples, "correct_samples": 0, "eval_errors": 0, "cropped": cropped} | {f"pass@{k}": 0.0 for k in ks}
+        outcomes = {}
+        for i, completions, futures in pending:
+            judged = [f.result() for f in futures]
+            c = sum(ok for ok, _ in judged)
+            errors = [err for _, err in judged if err is not None]
+            sums["correct_samples"] += c
+            sums["eval_errors"] += len(errors)
+            first_error = first_error or (errors[0] if errors else None)
+            for k in ks:
+                sums[f"pass@{k}"] += pass_at_k(num_samples, c, k)
+            outcomes[i] = [(completion, ok) for completion, (ok, _) in zip(completions, judged)]
+    if first_error and log is not None:
+        log(f"  {sums['eval_errors']} sample(s) failed in the judge, e.g. {first_error}")
+    return sums, outcomes
+
+
+# -----------------------------------------------------------------------------
+# One task, all ranks
+
+
+def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=None, seed=42, log=None):
+    """
+    Evaluate one task (categorical or generative, from task.eval_type) on all ranks; every rank
+    must call this. Returns a dict: task, eval_type, problems, accuracy, chance, centered, cropped
+    (prompts cut to fit the model), and for generative tasks num_samples, pass@k ({k: value}),
+    eval_errors; time_s.
+    Raises NanochatError for a task without an evaluation or with no problems.
+    """
+    from nanochat.engine import Engine
+
+    rank, world_size = _dist_info()
+    if task.eval_type not in ("categorical", "generative"):
+        raise NanochatError(f"{name}: task {type(task).__name__} has no evaluation (eval_type {task.eval_type!r})")
+    if num_samples > 1 and temperature == 0.0 and task.eval_type == "generative":
+        raise NanochatError(f"{name}: --num-samples {num_samples} with --temperature 0 gives {num_samples} identical samples; set --temperature > 0")
+    indices = select_problems(len(task), max_problems, seed)
+    if not indices:
+        raise NanochatError(f"{name}: no problems to evaluate")
+    mine = indices[rank::world_size]
+    device = model.lm_head.weight.device
+    t0 = time.time()
+    if task.eval_type == "categorical":
+        sums, _ = evaluate_categorical(model, tokenizer, task, mine, batch_size=batch_size, log=log if rank == 0 else None)
+        sums = _all_reduce_sums(sums, device)
+        problems = int(sums["problems"])
+        accuracy, chance = sums["correct"] / problems, sums["chance"] / problems
+        result = {"task": name, "eval_type": "categorical", "problems": problems, "accuracy": accuracy, "chance": chance}
+    else:
+        engine = Engine(model, tokenizer)
+        sums, _ = evaluate_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k, seed, batch_size, log=log if rank == 0 else None)
+        sums = _all_reduce_sums(sums, device)
+        problems = int(sums["problems"])
+        pass_k = {k: sums[f"pass@{k}"] / problems for k in report_ks(num_samples)}
+        result = {"task": name, "eval_type": "generative", "problems": problems, "accuracy": pass_k[1], "chance": 0.0, "num_samples": num_samples, "pass_at_k": pass_k, "eval_errors": int(sums["eval_errors"])}
+    result["centered"] = centered(result["accuracy"], result["chance"])
+    result["cropped"] = int(sums["cropped"])
+    result["time_s"] = time.time() - t0
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Presentation
+
+
+def format_table(results, chatcore=None):
+    """A markdown table of evaluate_task results (one row per task) and the ChatCORE line."""
+    lines = ["| task | type | problems | accuracy | chance | centred | pass@k | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        pass_k = ", ".join(f"pass@{k} {v:.4f}" for k, v in r.get("pass_at_k", {}).items() if k != 1) or "-"
+        lines.append(f"| {r['task']} | {r['eval_type']} | {r['problems']} | {r['accuracy']:.4f} | {r['chance']:.4f} | {r['centered']:+.4f} | {pass_k} | {r['time_s']:.1f} |")
+    if chatcore is not None:
+        names = {r["task"] for r in results}
+        scope = "all 6 tasks" if names == set(CHAT_TASKS) else f"{len(names)} of the 6 tasks: not comparable to a full ChatCORE"
+        lines.append(f"\nChatCORE {chatcore:.4f} (mean centred score over {scope})")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter's logit),
+GSM8K, HumanEval and SpellingBee (generative, through the engine with the python tool; pass@k),
+and their ChatCORE (nanochat/chat_eval.py).
+
+    python -m scripts.chat_eval --source sft                            # everything, greedy
+    python -m scripts.chat_eval --source mid --tasks ARC-Easy,GSM8K --max-problems 200
+    python -m scripts.chat_eval --source sft --tasks HumanEval --num-samples 10 --temperature 0.8
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval --source sft
+
+Prints the table and writes <base_dir>/report/chat-eval-<source>.json and .md (rank 0).
+"""
+
+import argparse
+import json
+import os
+import time
+
+from nanochat.chat_eval import CHAT_TASKS, chat_core, evaluate_task, format_table, load_chat_task
+from nanochat.checkpoint_manager import STAGES, load_model
+from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE")
+    p.add_argument("--source", type=str, default="sft", choices=STAGES, help="stage of the checkpoint to evaluate")
+    p.add_argument("--model-tag", type=str, default=None, help="model tag (default: the newest of the stage)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(CHAT_TASKS)}")
+    p.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR or <base_dir>/tasks)")
+    p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all; else a fixed random subset)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of the categorical tasks")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per problem of the generative tasks (pass@k up to this k)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens generated per completion at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the generative tasks (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the problem subset and of the samples")
+    p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in args.tasks if t not in CHAT_TASKS]
+    if unknown or not args.tasks:
+        raise NanochatError(f"--tasks {','.join(args.tasks)!r}: expected a comma-separated subset of {', '.join(CHAT_TASKS)}")
+    if args.max_problems == 0 or args.max_problems < -1:
+        raise NanochatError(f"--max-problems {args.max_problems}: expected -1 (all) or >= 1")
+    if args.batch_size < 1 or args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
+        raise NanochatError("--batch-size, --num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+    print0(json.dumps(vars(args)))
+
+    # -------------------------------------------------------------------------------- model and tasks
+    model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    print0(f"evaluating {args.source} model {meta['model_tag']} step {meta['step']}: {model.config}")
+    tasks = {name: load_chat_task(name, args.tasks_dir) for name in args.tasks}  # fail early on missing data
+
+    # -------------------------------------------------------------------------------- evaluate
+    t0 = time.time()
+    results = []
+    for name, task in tasks.items():
+        print0(f"{name} ({task.eval_type}, {len(task)} problems)")
+        r = evaluate_task(
+            model,
+            tokenizer,
+            name,
+            task,
+            max_problems=args.max_problems,
+            batch_size=args.batch_size,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            seed=args.seed,
+            log=print0,
+        )
+        notes = f" | {r['cropped']} prompts cut to fit" if r["cropped"] else ""
+        notes += f" | {r['eval_errors']} judge errors" if r.get("eval_errors") else ""
+        print0(f"{name}: accuracy {r['accuracy']:.4f} (chance {r['chance']:.4f}, centred {r['centered']:+.4f}) on {r['problems']} problems in {r['time_s']:.1f}s{notes}")
+        results.append(r)
+    chatcore = chat_core(results)
+    table = format_table(results, chatcore)
+    print0(table)
+
+    # -------------------------------------------------------------------------------- report
+    if rank == 0:
+        report = {
+            "source": args.source,
+            "model_tag": meta["model_tag"],
+            "step": meta["step"],
+            "model_config": model.config.to_dict(),
+            "args": vars(args),
+            "tasks": {r["task"]: r for r in results},
+            "chatcore": chatcore,
+            "time_s": time.time() - t0,
+        }
+        report_dir = os.path.join(get_base_dir(), "report")
+        os.makedirs(report_dir, exist_ok=True)
+        path = os.path.join(report_dir, f"chat-eval-{args.source}")
+        atomic_write_bytes(path + ".json", json.dumps(report, indent=1).encode())
+        title = f"# Chat evaluation: {args.source} model {meta['model_tag']} step {meta['step']}\n\n"
+        atomic_write_bytes(path + ".md", (title + table + "\n").encode())
+        print0(f"wrote {path}.json and .md")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

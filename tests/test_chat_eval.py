@@ -1,0 +1,263 @@
+"""
+Chat evaluation (nanochat/chat_eval.py): categorical scoring with stand-in models whose answers are
+known, batched vs one-at-a-time scoring on a real tiny GPT, generative scoring and pass@k with a
+scripted engine, HumanEval programs that pass, hang or exit early in the sandbox, and the ChatCORE
+centring. The end-to-end script run is in tests/test_mid_train.py.
+"""
+
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer
+from nanochat.chat_eval import (
+    centered,
+    chat_core,
+    evaluate_categorical,
+    evaluate_generative,
+    evaluate_task,
+    format_table,
+    letter_token_ids,
+    pass_at_k,
+    report_ks,
+    select_problems,
+)
+from nanochat.common import NanochatError
+from nanochat.engine import TokenEvent
+from nanochat.gpt import GPT, GPTConfig
+from scripts_util import SHARED_DATA
+from tasks.common import Task
+
+TOK = byte_tokenizer()
+LETTERS = "ABCDE"
+needs_tasks = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "tasks")), reason="needs ../shared/data")
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(200, 0, 100) == 0.0 and pass_at_k(200, 101, 100) == 1.0
+    for bad in [(5, 6, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+    assert report_ks(1) == [1] and report_ks(20) == [1, 10, 20] and report_ks(100) == [1, 10, 100]
+
+
+def test_centering_and_chatcore():
+    assert centered(0.25, 0.25) == 0.0 and centered(1.0, 0.25) == 1.0
+    assert centered(0.0, 0.25) == pytest.approx(-1 / 3) and centered(0.3, 0.0) == 0.3
+    results = [{"centered": 0.5}, {"centered": -0.1}, {"centered": 0.2}]
+    assert chat_core(results) == pytest.approx(0.2)
+    assert chat_core([]) is None
+
+
+def test_select_problems_is_a_fixed_subset():
+    assert select_problems(5) == [0, 1, 2, 3, 4] and select_problems(5, 9) == [0, 1, 2, 3, 4]
+    a = select_problems(1000, 50, seed=1)
+    assert a == select_problems(1000, 50, seed=1) and len(set(a)) == 50 and a == sorted(a)
+    assert a != select_problems(1000, 50, seed=2)
+    assert max(a) > 500  # spread over the set, not its first items (test sets are sorted by subject)
+
+
+def test_letter_tokens_must_be_single_tokens():
+    assert letter_token_ids(TOK, ["A", "B"]) == [ord("A"), ord("B")]
+    with pytest.raises(NanochatError, match="'AB'"):
+        letter_token_ids(TOK, ["AB"])
+
+
+# ------------------------------------------------------------------------------------------------ categorical
+
+
+class LetterModel(torch.nn.Module):
+    """
+    A stand-in causal LM: at position t it favours the letter LETTERS[f] with f = (sum of the token
+    ids up to t) mod 5 (logits -(j - f)^2 over the letters), and gives an even larger logit to "Z",
+    which is never an answer letter, so that only scoring restricted to the letters can be right.
+    """
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, sequence_len=1024)
+        self.lm_head = torch.nn.Linear(1, 1)  # where the engine and the scorer look for the device
+
+    def get_compute_dtype(self, device):
+        return torch.float32
+
+    def forward(self, idx):
+        f = idx.cumsum(dim=1) % 5  # [B, T]
+        logits = torch.full((*idx.shape, self.config.vocab_size), -100.0)
+        for j, letter in enumerate(LETTERS):
+            logits[:, :, ord(letter)] = -((j - f) ** 2).float()
+        logits[:, :, ord("Z")] = 10.0
+        return logits
+
+
+def favoured(prompt_ids, letters):
+    f = sum(prompt_ids) % 5
+    return min(letters, key=lambda letter: abs(LETTERS.index(letter) - f))
+
+
+class MCTask(Task):
+    """Hand-made multiple-choice problems with 3 to 5 choices and prompts of different lengths;
+    the answer is the stand-in model's favourite for even problems and another letter for odd ones."""
+
+    eval_type = "categorical"
+
+    def __init__(self, n=11, **view):
+        super().__init__(**view)
+        self.items = []
+        for i in range(n):
+            letters = list(LETTERS[: 3 + i % 3])
+            conversation = {"messages": [{"role": "user", "content": f"question {i}: " + "why? " * (i % 4)}], "letters": letters}
+            best = favoured(TOK.render_for_completion(conversation), letters)
+            answer = best if i % 2 == 0 else next(x for x in letters if x != best)
+            conversation["messages"].append({"role": "assistant", "content": answer})
+            self.items.append(conversation)
+
+    def num_examples(self):
+        return len(self.items)
+
+    def get_example(self, index):
+        return self.items[index]
+
+
+@pytest.mark.parametrize("batch_size, budget", [(1, 1 << 30), (4, 1 << 30), (16, 1 << 30), (16, 30 * 265 * 4 * 2)])
+def test_categorical_scores_the_letter_at_the_last_prompt_position(batch_size, budget):
+    task = MCTask()
+    sums, outcomes = evaluate_categorical(LetterModel(TOK.vocab_size), TOK, task, list(range(len(task))), batch_size=batch_size, logits_budget_bytes=budget)
+    for i, conversation in enumerate(task.items):
+        assert outcomes[i][0] == favoured(TOK.render_for_completion(conversation), conversation["letters"]), i
+    assert sums["problems"] == 11 and sums["correct"] == 6  # the even problems
+    assert sums["chance"] == pytest.approx(sum(1 / len(c["letters"]) for c in task.items))
+
+
+def test_evaluate_task_centres_by_the_real_number_of_choices():
+    task = MCTask()
+    r = evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", task, batch_size=3)
+    chance = sum(1 / (3 + i % 3) for i in range(11)) / 11
+    assert r["accuracy"] == pytest.approx(6 / 11) and r["chance"] == pytest.approx(chance)
+    assert r["centered"] == pytest.approx((6 / 11 - chance) / (1 - chance))
+    r = evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", task, max_problems=4, seed=0)
+    assert r["problems"] == 4
+    assert "| MC | categorical | 4 |" in format_table([r], chat_core([r]))
+
+
+@needs_tasks
+def test_batched_scoring_equals_one_at_a_time_on_a_real_gpt():
+    from tasks.arc import ARC
+
+    config = GPTConfig(sequence_len=64, vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights(seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # the init zeroes the output projections (every block the identity): use random ones
+        for p in model.parameters():
+            p.normal_(0.0, 0.2, generator=gen)
+    model.eval()
+    task = ARC(subset="ARC-Challenge", split="test", tasks_dir=os.path.join(SHARED_DATA, "tasks"))
+    indices = list(range(0, 120, 10))
+    single_sums, single = evaluate_categorical(model, TOK, task, indices, batch_size=1)
+    batched_sums, batched = evaluate_categorical(model, TOK, task, indices, batch_size=5)
+    assert single_sums == batched_sums and sorted(single) == indices
+    for i in indices:  # padding after a prompt and the batch around it change nothing
+        assert single[i][0] == batched[i][0]
+        assert batched[i][1] == pytest.approx(single[i][1], abs=1e-4)
+    assert len({tuple(logits) for _, logits in single.values()}) == len(indices)  # the logits depend on the prompt
+
+
+# ------------------------------------------------------------------------------------------------ generative
+
+
+class ScriptedEngine:
+    """A stand-in Engine: reply(prompt text, sample index, seed) -> the completion text, streamed
+    like Engine.generate_many (one TokenEvent per running row per step, the stop token last)."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.model = SimpleNamespace(config=SimpleNamespace(sequence_len=4096), lm_head=torch.nn.Linear(1, 1))
+        self.requests = []
+
+    def generate_many(self, requests):
+        self.requests += requests
+        stop = TOK.special_tokens["<|assistant_end|>"]
+        rows = {(key, s): TOK.encode(self.reply(TOK.decode(r.tokens), s, r.seed)) + [stop] for key, r in enumerate(requests) for s in range(r.num_samples)}
+        step = 0
+        while any(step < len(tokens) for tokens in rows.values()):
+            yield [TokenEvent(key, s, tokens[step], 1, "stop" if step == len(tokens) - 1 else None) for (key, s), tokens in rows.items() if step < len(tokens)]
+            step += 1
+
+
+class CountTask(Task):
+    """Generative problems "count i": correct answers are "#### i"; problem 4's judge raises."""
+
+    eval_type = "generative"
+
+    def num_examples(self):
+        return 8
+
+    def get_example(self, index):
+        return {"messages": [{"role": "user", "content": f"count {index}"}, {"role": "assistant", "content": f"#### {index}"}]}
+
+    def evaluate(self, conversation, completion):
+        if conversation["messages"][0]["content"] == "count 4":
+            raise RuntimeError("judge exploded")
+        return completion.strip() == conversation["messages"][1]["content"]
+
+
+def test_generative_pass_at_k_and_judge_errors():
+    n = 4
+
+    def reply(prompt, sample, seed):
+        i = int(prompt.split("count ")[1][0])
+        return f"#### {i}" if sample < i % (n + 1) else "#### -1"  # problem i: i mod 5 correct samples of 4 (capped)
+
+    engine = ScriptedEngine(reply)
+    task = CountTask()
+    sums, outcomes = evaluate_generative(engine, TOK, task, list(range(8)), num_samples=n, max_new_tokens=16, temperature=0.7, top_k=5, seed=100, batch_size=3)
+    correct = {i: 0 if i == 4 else min(n, i % (n + 1)) for i in range(8)}
+    assert sums["problems"] == 8 and sums["samples"] == 32
+    assert sums["correct_samples"] == sum(correct.values())
+    assert sums["eval_errors"] == n  # problem 4's judge raised for its 4 right samples: failures, not a crash
+    for k in report_ks(n):
+        assert sums[f"pass@{k}"] == pytest.approx(sum(pass_at_k(n, c, k) for c in correct.values()))
+    assert [sum(ok for _, ok in outcomes[i]) for i in range(8)] == [correct[i] for i in range(8)]
+    # the engine saw the rendered prompt primed for the reply, the sampling settings, and seed + index
+    r = engine.requests[3]
+    assert r.tokens == TOK.render_for_completion(task[3]) and r.tokens[-1] == TOK.special_tokens["<|assistant_start|>"]
+    assert (r.num_samples, r.max_tokens, r.temperature, r.top_k, r.seed) == (n, 16, 0.7, 5, 103)
+    assert [o[0][0] for o in outcomes.values()] == ["#### -1", "#### 1", "#### 2", "#### 3", "#### 4", "#### -1", "#### 6", "#### 7"]
+
+
+def test_greedy_with_several_samples_is_refused():
+    with pytest.raises(NanochatError, match="--temperature"):
+        evaluate_task(LetterModel(TOK.vocab_size), TOK, "Count", CountTask(), num_samples=3, temperature=0.0)
+
+
+@needs_tasks
+def test_humaneval_in_the_sandbox_pass_hang_and_early_exit_are_judged():
+    from tasks.humaneval import HumanEval
+
+    task = HumanEval(tasks_dir=os.path.join(SHARED_DATA, "tasks"), timeout=2.0)
+    solutions = {task[i]["messages"][0]["content"]: task.rows[i]["canonical_solution"] for i in range(2)}
+    bad = {1: "    while True:\n        pass\n", 2: "    import os\n    os._exit(0)\n", 3: "    raise SystemExit(0)\n"}
+
+    def reply(prompt, sample, seed):
+        body = next(sol for p, sol in solutions.items() if p in prompt)
+        return body if sample == 0 else bad[sample]
+
+    sums, outcomes = evaluate_generative(ScriptedEngine(reply), TOK, task, [0, 1], num_samples=4, max_new_tokens=64, temperature=1.0)
+    assert [ok for _, ok in outcomes[0]] == [True, False, False, False]
+    assert [ok for _, ok in outcomes[1]] == [True, False, False, False]
+    assert sums["correct_samples"] == 2 and sums["eval_errors"] == 0
+    assert sums["pass@1"] == pytest.approx(2 * 0.25) and sums["pass@4"] == pytest.approx(2.0)
