@@ -133,3 +133,23 @@ def test_cuda_bf16_close_to_fp32():
     ref = model(idx)
     out = model.cuda()(idx.cuda()).cpu()
     assert (out - ref).abs().max() < 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention-3 runs on Hopper only)")
+def test_flash_attention_3_matches_sdpa():
+    import nanochat.gpt as gpt
+
+    if gpt._fa3_func is None or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("flash_attn_interface (FlashAttention-3) not installed or not a Hopper GPU")
+    torch.manual_seed(0)
+    q = torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+    for window in (1 << 62, 32):
+        fa3 = gpt.attention(q, k, v, window)
+        saved, gpt._fa3_func = gpt._fa3_func, None
+        try:
+            sdpa = gpt.attention(q, k, v, window)
+        finally:
+            gpt._fa3_func = saved
+        assert (fa3.float() - sdpa.float()).abs().max() < 2e-2
