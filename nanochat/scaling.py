@@ -20,8 +20,10 @@ Weight decay (decoupled, on the Muon matrices): Wang & Aitchison 2024 ("How to s
 decay as you scale model and dataset size") and Bergsma et al. 2025 find that what should stay
 fixed is the EMA timescale of the weights, 1 / (lr * wd) steps, as a fraction of the run. We take
 wd = 0.2 at the reference run (2^19-token batches for 10B tokens, ~19k steps) and keep
-lr * wd * num_iterations constant: wd = 0.2 * 19073 / num_iterations, capped at 1 / lr (one
-timescale per step is the limit where decay alone would erase the weights).
+lr * wd * num_iterations constant: wd = 0.2 * 19073 / num_iterations, capped so that the timescale stays >= 100 steps
+(wd <= 1 / (100 lr) = 0.5): in short runs (toy CPU runs of a few hundred steps) the fraction rule
+would otherwise make the weights an average of the last handful of updates (wd 15, a 3-step
+timescale, at 250 steps).
 """
 
 import math
@@ -31,6 +33,7 @@ REFERENCE_BATCH = 2**19
 REFERENCE_WEIGHT_DECAY = 0.2
 REFERENCE_ITERATIONS = REFERENCE_TOKENS / REFERENCE_BATCH
 
+MIN_DECAY_TIMESCALE = 100  # steps
 MATRIX_LR = 0.02
 EMBEDDING_LR = 0.2
 UNEMBEDDING_LR = 0.004
@@ -51,7 +54,7 @@ def derive_batch_size(target_tokens, min_batch):
 
 def derive_weight_decay(num_iterations, matrix_lr=MATRIX_LR):
     wd = REFERENCE_WEIGHT_DECAY * REFERENCE_ITERATIONS / max(num_iterations, 1)
-    return min(wd, 1.0 / matrix_lr)
+    return min(wd, 1.0 / (MIN_DECAY_TIMESCALE * matrix_lr))
 
 
 def derive_training_hparams(n_params, seq_len, world_size, ratio=20.0, total_batch_size=None, num_iterations=None, weight_decay=None):

@@ -11,9 +11,10 @@
 #   tokens still compress prose to ~4 bytes/token, while 32K would double the step time at depth 4.
 # - depth 4 (n_embd 256, 2 heads of 128): ~3K tokens/s in fp32 on 2 cores; depth 6 is half that.
 # - seq_len 256: attention grows with it, and a 7M-parameter model gains little context past 256.
-# - 250 steps of 8192 tokens (2M tokens, 0.3 per parameter, far below Chinchilla's 20: the time
-#   budget is the limit), warmdown over the last 40%.
-# - every other stage gets a few minutes: SFT 100 steps of 16 conversations, short evals.
+# - 200 steps of 8192 tokens (1.6M tokens, 0.3 per matmul parameter, far below Chinchilla's 20:
+#   the time budget is the limit), warmdown over the last 40%.
+# - every other stage gets a minute or two: mid 30 steps, SFT 50 steps of 16 conversations, RL 6
+#   steps of 4 questions x 4 samples, evals on 10-20 items per task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,12 +22,12 @@ export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat/runcpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export NPROC=1 DEPTH=4 NUM_SHARDS=4 TOK_SHARDS=2 SKIP_RL=${SKIP_RL:-0} GPU_HOUR_PRICE=0
 export TOK_ARGS="--max-chars 50000000 --vocab-size 8192"
-export BASE_ARGS="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-iterations 250 --eval-every 125 --eval-tokens 262144 --save-every 125"
-export BASE_EVAL_ARGS="--max-per-task 20 --split-tokens 262144 --device-batch-size 16"
-export MID_ARGS="--max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 40 --val-conversations 64"
-export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --batch-size 16 --num-iterations 60 --val-conversations 64 --eval-every 30 --init-lr-frac 0.5"
-export RL_ARGS="--num-steps 4 --questions-per-step 2 --num-samples 4 --max-new-tokens 64 --eval-every -1"
-export CHAT_EVAL_ARGS="--max-problems 20 --max-new-tokens 64 --tasks ARC-Easy,MMLU,GSM8K,SpellingBee"
+export BASE_ARGS="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-iterations 200 --eval-every 100 --eval-tokens 262144 --save-every 100"
+export BASE_EVAL_ARGS="--max-per-task 20 --split-tokens 131072 --device-batch-size 16"
+export MID_ARGS="--max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 30 --val-conversations 64"
+export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --batch-size 16 --num-iterations 50 --val-conversations 64 --eval-every 25 --init-lr-frac 0.5"
+export RL_ARGS="--num-steps 6 --questions-per-step 4 --num-samples 4 --max-new-tokens 64 --device-batch-size 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --format-reward 0.1 --resume-if-exists"
+export CHAT_EVAL_ARGS="--max-problems 10 --max-new-tokens 48 --tasks ARC-Easy,MMLU,GSM8K,SpellingBee"
 
 bash speedrun.sh
 .venv/bin/python -m scripts.chat_cli -p "What is the capital of France?" --temperature 0 --max-tokens 64

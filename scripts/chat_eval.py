@@ -18,6 +18,7 @@ import time
 
 from nanochat.chat_eval import CHAT_TASKS, chat_core, evaluate_task, format_table, load_chat_task
 from nanochat.checkpoint_manager import STAGES, load_model
+from nanochat import report as run_report
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
 
 
@@ -104,6 +105,7 @@ def main(argv=None):
         title = f"# Chat evaluation: {args.source} model {meta['model_tag']} step {meta['step']}\n\n"
         atomic_write_bytes(path + ".md", (title + table + "\n").encode())
         print0(f"wrote {path}.json and .md")
+        run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table})
     compute_cleanup()
 
 

@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from nanochat import report
 from nanochat.chat_data import ConversationLoader, estimate_tokens
 from nanochat.checkpoint_manager import build_model, checkpoint_dir, find_last_step, find_latest_model_tag, list_steps, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, run_main
@@ -273,6 +274,7 @@ def main(argv=None):
         pad = train_loader.pad_tokens / max(1, train_loader.rows_packed * (T + 1))
         print0(f"final val loss {vl if vl is not None else float('nan'):.4f} | padding {100 * pad:.1f}% of the packed tokens (rank 0) | {train_loader.skipped} conversations skipped (no trained token in a row)")
         logger.log({"step": step, "final_val_loss": vl, "train_time_s": total_time, "pad_fraction": pad})
+        report.log_stage("mid_train", args=vars(args), metrics={"final_val_loss": vl, "train_time_s": total_time, "pad_fraction": pad}, metrics_file=logger.path)
     logger.finish()
     print0(f"training time {total_time:.1f}s")
     compute_cleanup()

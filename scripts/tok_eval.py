@@ -26,6 +26,7 @@ import os
 
 import tiktoken
 
+from nanochat import report
 from nanochat.common import NanochatError, atomic_write_bytes, get_base_dir, run_main
 from nanochat.dataset import get_data_dir, parquets_iter_batched
 from nanochat.tokenizer import get_tokenizer
@@ -180,6 +181,7 @@ def main():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     print(f"written to {path}")
+    report.log_stage("tok_eval", args=vars(args), tables={"compression": "\n".join(lines)})
 
 
 if __name__ == "__main__":
