@@ -123,6 +123,127 @@ def attention(q, k, v, window, left_pad=None):
     return y.transpose(1, 2)
 
 
+# ------------------------------------------------------------------------------------------------
+# The language-model head and its loss, fused and chunked
+
+# Rows of x per chunk of the fused head, chosen so that one chunk of logits is ~32M fp32 elements
+# (128 MiB at vocab 32768: big enough for the three matmuls to run at full speed, small enough
+# that the buffers are reused instead of a fresh [N, vocab] tensor per op), and rows per sub-block
+# of the elementwise work (~4M elements: it stays in the L2/L3 caches across its ~10 passes).
+HEAD_CHUNK_ELEMENTS = 1 << 25
+HEAD_SUBBLOCK_ELEMENTS = 1 << 22
+
+
+def _head_chunk_loop(x, weight, targets, softcap, need_grad):
+    """
+    The chunked head: for rows [s, e) of x, logits = softcap(x @ W^T) is computed into a reused
+    buffer, the per-row loss logsumexp(logits) - logits[target] taken, and, when need_grad, the
+    gradient of the SUMMED loss with respect to the pre-cap logits,
+        dz = (softmax(logits) - onehot(target)) * (1 - tanh(z / c)^2),
+    formed in place and immediately contracted into dx = dz @ W and dW += dz^T @ x. The [N, vocab]
+    logits never exist. Returns (row_loss fp32 [N] (0 at ignored rows), dx [N, D] in x's dtype or
+    None, dW fp32 [V, D] or None).
+    With a soft-cap c > 0 the logits lie in [-c, c], so exp() cannot overflow for c < 80 and no
+    max is subtracted; without one the row max is subtracted first.
+    """
+    N, V = x.size(0), weight.size(0)
+    w = weight.to(x.dtype)
+    chunk = max(1, min(N, HEAD_CHUNK_ELEMENTS // V))
+    sub = max(1, min(chunk, HEAD_SUBBLOCK_ELEMENTS // V))
+    z_buf = x.new_empty(chunk, V)  # x @ W^T in the compute dtype, then tanh(z / c) in place
+    p_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)  # logits -> softmax -> dz
+    row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_grad else None
+    dw = torch.zeros(V, x.size(1), dtype=torch.float32, device=x.device) if need_grad else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        xc, zc, pc = x[s:e], z_buf[: e - s], p_buf[: e - s]
+        torch.mm(xc, w.t(), out=zc)
+        for a in range(0, e - s, sub):
+            b = min(a + sub, e - s)
+            y = targets[s + a : s + b]
+            valid = y >= 0
+            y = y.clamp(min=0)[:, None]
+            logits = pc[a:b]
+            if softcap:
+                t = zc[a:b].float().mul_(1.0 / softcap).tanh_()  # float() is a copy only for bf16
+                torch.mul(t, softcap, out=logits)
+                target_logit = logits.gather(1, y).squeeze(1)
+                sumexp = logits.exp_().sum(1, keepdim=True)
+                log_z = sumexp.log().squeeze(1)
+            else:
+                logits.copy_(zc[a:b])
+                target_logit = logits.gather(1, y).squeeze(1)
+                row_max = logits.amax(1, keepdim=True)
+                sumexp = logits.sub_(row_max).exp_().sum(1, keepdim=True)
+                log_z = sumexp.log().squeeze(1) + row_max.squeeze(1)
+            row_loss[s + a : s + b] = (log_z - target_logit) * valid
+            if not need_grad:
+                continue
+            dz = logits.div_(sumexp)  # softmax
+            dz.scatter_add_(1, y, -valid[:, None].float())  # - onehot(target) on counted rows
+            dz.mul_(valid[:, None])  # ignored rows get no gradient
+            if softcap:
+                dz.addcmul_(dz, t.square_(), value=-1.0)  # * (1 - t^2): the derivative of c tanh(z / c)
+        if need_grad:
+            dzc = pc.to(x.dtype)  # no copy in fp32; bf16 matmuls as in the plain path
+            torch.mm(dzc, w, out=dx[s:e])
+            if dw.dtype == x.dtype:
+                dw.addmm_(dzc.t(), xc)
+            else:
+                dw.add_(torch.mm(dzc.t(), xc))
+    return row_loss, dx, dw
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed loss of the chunked head with its gradients computed in the forward pass (the loss is
+    the end of the graph, so nothing is lost by doing it early; Liger-Kernel's fused linear cross
+    entropy does the same on GPU, Hsu et al. 2024, arXiv:2410.10989)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap):
+        row_loss, dx, dw = _head_chunk_loop(x, weight, targets, softcap, need_grad=True)
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_loss.to(dx.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(x, weight, targets, softcap=0.0, reduction="mean"):
+    """
+    cross_entropy(softcap(x @ weight^T), targets) without materialising the [N, vocab] logits.
+    x: [N, D] activations (fp32 or bf16); weight: [V, D] (lm_head, any float dtype, cast to x's);
+    targets: int64 [N], -1 = ignored. softcap: c of c * tanh(logits / c), 0 = none. reduction:
+    "mean" over counted positions (NaN if there are none, as in F.cross_entropy), "sum", or "none"
+    (fp32 [N], 0 at ignored positions). Returns fp32 nats.
+    The fused path (chunked, gradient formed in the forward pass) is exact up to fp32 round-off and
+    takes the CPU head from ~20 s to ~8.5 s per 16K tokens at vocab 32768 (docs/LOG.md). Under
+    torch.compile, or when a per-token loss needs a gradient (RL), the plain path runs instead:
+    Inductor fuses its elementwise work itself.
+    Raises ValueError for an unknown reduction.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown loss reduction {reduction!r}, expected 'mean', 'sum' or 'none'")
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling() or (need_grad and reduction == "none"):
+        logits = F.linear(x, weight.to(x.dtype)).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    if need_grad:
+        total = _FusedLinearCrossEntropy.apply(x, weight, targets, float(softcap))
+    else:
+        row_loss = _head_chunk_loop(x, weight, targets, softcap, need_grad=False)[0]
+        if reduction == "none":
+            return row_loss
+        total = row_loss.sum()
+    return total / (targets >= 0).sum() if reduction == "mean" else total
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, window):
         super().__init__()
@@ -273,12 +394,11 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(x).float()
-        if self.config.logit_softcap:
-            c = self.config.logit_softcap
-            logits = c * torch.tanh(logits / c)
         if targets is None:
+            logits = self.lm_head(x).float()
+            if self.config.logit_softcap:
+                c = self.config.logit_softcap
+                logits = c * torch.tanh(logits / c)
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction).view(
-            () if loss_reduction != "none" else (B, T)
-        )
+        loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.config.logit_softcap, loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss

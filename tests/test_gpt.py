@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from nanochat import gpt
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig
 
@@ -153,3 +155,45 @@ def test_flash_attention_3_matches_sdpa():
         finally:
             gpt._fa3_func = saved
         assert (fa3.float() - sdpa.float()).abs().max() < 2e-2
+
+
+def _plain_head_loss(x, weight, targets, softcap, reduction):
+    logits = F.linear(x, weight).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+
+
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_head_matches_plain_loss_and_gradients(monkeypatch, softcap, reduction):
+    # small chunk budgets so that 37 rows split into several chunks and sub-blocks with ragged ends
+    monkeypatch.setattr(gpt, "HEAD_CHUNK_ELEMENTS", 10 * 53)
+    monkeypatch.setattr(gpt, "HEAD_SUBBLOCK_ELEMENTS", 3 * 53)
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, dtype=torch.float64).float().requires_grad_()
+    weight = (3 * torch.randn(53, 16)).requires_grad_()  # large logits: the soft-cap matters
+    targets = torch.randint(0, 53, (37,))
+    targets[[0, 11, 12, 36]] = -1
+    grads = []
+    for fn in (_plain_head_loss, gpt.linear_cross_entropy):
+        x.grad = weight.grad = None
+        loss = fn(x, weight, targets, softcap, reduction)
+        (2.5 * loss).backward()  # a non-unit upstream gradient
+        grads.append((loss.detach(), x.grad.clone(), weight.grad.clone()))
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert grads[1][1][[0, 11, 12, 36]].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_fused_head_no_grad_per_token():
+    torch.manual_seed(1)
+    x, weight = torch.randn(20, 8), torch.randn(40, 8)
+    targets = torch.randint(0, 40, (20,))
+    targets[5] = -1
+    with torch.no_grad():
+        per_tok = gpt.linear_cross_entropy(x, weight, targets, 15.0, "none")
+        ref = _plain_head_loss(x, weight, targets, 15.0, "none")
+    torch.testing.assert_close(per_tok, ref)
+    with pytest.raises(ValueError, match="reduction"):
+        gpt.linear_cross_entropy(x, weight, targets, 15.0, "max")
