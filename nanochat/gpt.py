@@ -14,8 +14,8 @@ Architecture (each choice's source in brackets):
 
 Precision: parameters live in fp32; activations are computed in the model's compute dtype by
 casting weights at their point of use (no autocast): bf16 on CUDA, fp32 elsewhere unless
-`model.compute_dtype` says otherwise (bf16 pays off on CPUs with AMX / AVX512-BF16, e.g. Xeon
-Sapphire Rapids, and is slower than fp32 on most others). Logits and loss are always fp32.
+`model.compute_dtype` says otherwise (bf16 matmuls pay off on CPUs with AMX, e.g. Xeon Sapphire
+Rapids, and rarely elsewhere; docs/LOG.md). Logits and loss are always fp32.
 """
 
 import math
@@ -70,9 +70,61 @@ class GPTConfig:
         return asdict(self)
 
 
+# ------------------------------------------------------------------------------------------------
+# Elementwise layers with hand-written backward passes. Eager autograd runs RMSNorm as ~6 kernels
+# each way (pow, mean, rsqrt, mul... and PowBackward) and ReLU^2 as 2 + 4; on a CPU, where each
+# kernel is a full pass over memory, these take seconds per training step. The versions below
+# save one tensor each and make 2-3 passes. Under torch.compile the plain expressions are used:
+# Inductor fuses them itself.
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x * r, r = 1 / sqrt(mean(x^2) + eps); dx = r * (dy - y * mean(dy * y))."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_().to(x.dtype)
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, r = ctx.saved_tensors
+        m = (dy * y).mean(-1, keepdim=True)
+        return torch.addcmul(dy, y, m, value=-1.0).mul_(r), None
+
+
 def norm(x):
-    """RMSNorm over the last dim, no learnable scale."""
-    return F.rms_norm(x, (x.size(-1),))
+    """RMSNorm over the last dim, no learnable scale, eps = the dtype's machine epsilon (as
+    F.rms_norm). x: [..., D] -> same shape and dtype."""
+    eps = torch.finfo(x.dtype).eps
+    if torch.compiler.is_compiling():
+        return F.rms_norm(x, (x.size(-1),), eps=eps)
+    return _RMSNorm.apply(x, eps)
+
+
+class _ReluSquared(torch.autograd.Function):
+    """y = relu(x)^2; dx = 2 relu(x) dy."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, dy):
+        (r,) = ctx.saved_tensors
+        return (dy * r).mul_(2.0)
+
+
+def relu_squared(x):
+    """ReLU^2 [So et al. 2021, "Primer"]. Any shape and float dtype."""
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    return _ReluSquared.apply(x)
 
 
 class Linear(nn.Linear):
@@ -85,11 +137,44 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def apply_rotary_emb(x, cos, sin):
-    """x: [B, T, H, D]; cos, sin: [1, T, 1, D/2]. Rotates pairs (x[..., :D/2], x[..., D/2:])."""
+def _rotate(x, cos, sin):
+    """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim, written
+    straight into the two halves of the output (no torch.cat)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :d], out[..., d:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=-1.0)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """A rotation per pair; its gradient is the inverse rotation (sin negated)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, -sin), None, None
+
+
+def apply_rotary_emb(x, cos, sin):
+    """
+    RoPE [Su et al. 2021] in the half-split layout: rotates the pairs (x[..., i], x[..., i + D/2])
+    by the angles whose cos / sin are given. x: [B, T, H, D]; cos, sin: [1, T, 1, D/2] or
+    [B, T, 1, D/2] (per-row positions), x's dtype. Returns [B, T, H, D]. cos and sin are constants
+    (no gradient).
+    """
+    if torch.compiler.is_compiling():
+        d = x.shape[-1] // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return _Rotary.apply(x, cos, sin)
 
 
 def attention(q, k, v, window, left_pad=None):
@@ -276,7 +361,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -85,6 +85,7 @@ def make_optimizer(model, cfg):
         scalar_lr=0.05,
         weight_decay=0.1,
         orthogonalization=cfg["orthogonalization"],
+        ns_dtype="float32",  # bf16 round-off would amplify the fp32 reduction-order differences
         model_dim=cfg["n_embd"],
         grad_clip=cfg["grad_clip"],
     )

@@ -1,16 +1,19 @@
 """
 base_train as a real subprocess on real shards: exact resume after an interruption, the NaN
-guard, auto device batch size, and the one-dial derivations.
+guard, auto device batch size, the one-dial derivations, and the CPU allocator setting.
 """
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from nanochat.scaling import derive_batch_size, derive_training_hparams
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from nanochat.training import find_device_batch_size
-from scripts_util import SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
+from scripts_util import REPO, SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
 
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")), reason="needs ../shared/data")
 ARGS = ["--depth", 1, "--aspect-ratio", 64, "--max-seq-len", 32, "--device-batch-size", 4, "--total-batch-size", 256, "--eval-every", -1, "--eval-tokens", 1024, "--num-samples", 0, "--core-every", -1]
@@ -85,3 +88,29 @@ def test_one_dial_derivations():
     assert big["weight_decay"] < small["weight_decay"]
     over = derive_training_hparams(5e6, 256, 1, total_batch_size=4096, num_iterations=7, weight_decay=0.1)
     assert (over["total_batch_size"], over["num_iterations"], over["weight_decay"]) == (4096, 7, 0.1)
+
+
+# Allocates a 64 MiB tensor and prints how much of the heap glibc holds in mmapped blocks (hblkhd).
+MMAP_PROBE = """
+import ctypes, sys, torch
+from nanochat.common import keep_freed_cpu_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_cpu_memory() if sys.argv[1] == "apply" else None
+t = torch.ones(64 << 20, dtype=torch.uint8)
+assert int(t.sum()) == 64 << 20
+print(applied, libc.mallinfo2().hblkhd >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_cpu_memory only acts on glibc")
+def test_keep_freed_cpu_memory_keeps_large_blocks_off_mmap():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+    _, mmapped_default = probe("default")
+    applied, mmapped_kept = probe("apply")
+    assert mmapped_default >= 64  # glibc's default: a 64 MiB block is its own mmap
+    assert applied == "True" and mmapped_kept < 64  # with the setting it comes from the heap
