@@ -197,3 +197,39 @@ def test_fused_head_no_grad_per_token():
     torch.testing.assert_close(per_tok, ref)
     with pytest.raises(ValueError, match="reduction"):
         gpt.linear_cross_entropy(x, weight, targets, 15.0, "max")
+
+
+def _rope_reference(x, cos, sin):
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_hand_written_backward_matches_autograd_of_plain_expressions(dtype, tol):
+    """norm / relu_squared / apply_rotary_emb carry their own backward; eager autograd of the
+    plain expressions (what torch.compile uses) is the reference, values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 16, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    cos, sin = torch.randn(1, 8, 1, 8, dtype=dtype), torch.randn(1, 8, 1, 8, dtype=dtype)
+    cases = [
+        (gpt.norm, lambda t: F.rms_norm(t, (t.size(-1),), eps=torch.finfo(t.dtype).eps)),
+        (gpt.relu_squared, lambda t: F.relu(t).square()),
+        (lambda t: gpt.apply_rotary_emb(t, cos, sin), lambda t: _rope_reference(t, cos, sin)),
+    ]
+    for fn, ref in cases:
+        y, y_ref = fn(x), ref(x)
+        (dx,), (dx_ref,) = torch.autograd.grad(y, x, dy), torch.autograd.grad(y_ref, x, dy)
+        assert y.dtype == y_ref.dtype == dtype
+        torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(dx, dx_ref, atol=tol, rtol=tol)
+
+
+def test_hand_written_backward_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(1, 5, 1, 4, dtype=torch.float64), torch.randn(1, 5, 1, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(gpt.norm, (x,))
+    assert torch.autograd.gradcheck(gpt.relu_squared, (x,))
+    assert torch.autograd.gradcheck(lambda t: gpt.apply_rotary_emb(t, cos, sin), (x,))
