@@ -91,7 +91,7 @@ def main():
     median = statistics.median(rates)
     mfu = f"{100 * flops_per_token * median / (peak * world_size):.1f}%" if peak else "n/a (no peak FLOP/s known for this device)"
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
-    print0(f"depth {args.depth} | seq_len {args.max_seq_len} | batch {args.device_batch_size}x{grad_accum_steps}x{world_size} | median {median:,.0f} tokens/s (min {min(rates):,.0f}, max {max(rates):,.0f}) | MFU {mfu} | peak mem {mem}")
+    print0(f"depth {args.depth} | seq_len {args.max_seq_len} | batch {args.device_batch_size}x{grad_accum_steps}x{world_size} | median {median:,.0f} tokens/s (min {min(rates):,.0f}, max {max(rates):,.0f}) | {flops_per_token * median / world_size / 1e9:,.1f} model GFLOP/s per process | MFU {mfu} | peak mem {mem}")
     compute_cleanup()
 
 
