@@ -45,6 +45,7 @@ B may change across a resume; T, the split, rank / world_size, buffer_docs, keep
 of shards may not (NanochatError).
 """
 
+import atexit
 import bisect
 import hashlib
 import heapq
@@ -68,6 +69,21 @@ STATE_FORMAT, STATE_VERSION = "nanochat-dataloader", 1
 MAX_AGE_FACTOR = 2
 PREFETCH_ROW_GROUPS = 2  # row groups read and tokenised ahead of the one being packed
 PREFETCH_BATCHES = 4  # packed batches ready ahead of the training loop
+
+# Running producer threads -> their stop events. They are daemon threads, so that a dropped or
+# unfinished loader never keeps the process alive; but CPython before 3.14 ends a daemon thread at
+# exit with pthread_exit when it next takes the GIL, and unwinding out of a C++ call (torch, pyarrow)
+# that way aborts the whole process ("terminate called without an active exception", seen at the
+# end of a runcpu base_train). So they are stopped and joined before the interpreter finalises.
+_PRODUCERS = {}
+
+
+@atexit.register
+def _stop_producers():
+    for stop in list(_PRODUCERS.values()):
+        stop.set()
+    for thread in list(_PRODUCERS):
+        thread.join(timeout=10)
 
 
 class DataLoader:
@@ -198,6 +214,7 @@ class DataLoader:
         pin = self.device.type == "cuda"
         # The thread gets no reference to self, so a dropped loader is collected and stops it.
         self._thread = threading.Thread(target=_produce, args=(packer, self._position, self.B, pin, self._queue, self._stop), daemon=True, name=f"dataloader-{self.split}-{self.rank}")
+        _PRODUCERS[self._thread] = self._stop
         self._thread.start()
 
     def close(self):
@@ -241,6 +258,7 @@ def _produce(packer, position, B, pin, out, stop):
         _put(out, e, stop)
     finally:
         packer.stream.close()
+        _PRODUCERS.pop(threading.current_thread(), None)
 
 
 class _DocStream:

@@ -4,6 +4,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -331,6 +333,27 @@ def test_dropped_loader_stops_its_thread(corpus):
     while any(t.name == name for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.02)
     assert not any(t.name == name for t in threading.enumerate())
+
+
+# An atexit hook registered before nanochat.dataloader is imported runs after the loader's own
+# (hooks run last-in first-out): it sees which producer threads are still alive at finalisation.
+EXIT_PROBE = """
+import atexit, sys, threading
+atexit.register(lambda: print("alive at exit:", sorted(t.name for t in threading.enumerate() if t.name.startswith("dataloader-"))))
+sys.path.insert(0, sys.argv[2])
+from test_dataloader import TOK
+from nanochat.dataloader import DataLoader
+loaders = [DataLoader(TOK, 2, 8, split, data_dir=sys.argv[1], buffer_docs=4) for split in ("train", "val")]
+for loader in loaders:
+    next(loader)  # each producer is now busy filling its queue ahead
+"""
+
+
+def test_producer_threads_are_joined_before_exit(corpus):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, corpus, os.path.dirname(os.path.abspath(__file__))], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "alive at exit: []" in out.stdout, out.stdout
 
 
 # ------------------------------------------------------------------------------------------------
