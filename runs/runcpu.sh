@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole recipe of speedrun.sh at toy scale on a CPU (about 25 minutes on 2 cores), ending with a
+# The whole recipe of speedrun.sh at toy scale on a CPU (15-25 minutes on 2 cores), ending with a
 # reply from the chat CLI. A demo of the machinery, not a useful model: it trains ~2M tokens where
 # the speedrun trains ~10B.
 #
@@ -9,7 +9,8 @@
 # Configuration for a 2-core CPU; the measurements behind it are in docs/LOG.md:
 # - vocab 8192: on a CPU the lm_head matmul dominates a small model (V x n_embd per token); 8K
 #   tokens still compress prose to ~4 bytes/token, while 32K would double the step time at depth 4.
-# - depth 4 (n_embd 256, 2 heads of 128): ~3K tokens/s in fp32 on 2 cores; depth 6 is half that.
+# - depth 4 (n_embd 256, 2 heads of 128): ~3.9K tokens/s in fp32 on 2 cores (base_train 7.5 min);
+#   depth 6 runs at about half that.
 # - seq_len 256: attention grows with it, and a 7M-parameter model gains little context past 256.
 # - 200 steps of 8192 tokens (1.6M tokens, 0.3 per matmul parameter, far below Chinchilla's 20:
 #   the time budget is the limit), warmdown over the last 40%.
