@@ -100,9 +100,11 @@ def open_shard(path):
 
 def read_row_group(pf, path, index):
     """The documents of row group `index` of an opened shard as a list of str (null rows become "").
-    Raises NanochatError naming the file and row group if the data cannot be decoded."""
+    Raises NanochatError naming the file and row group if the data cannot be decoded.
+    use_threads=False: one column gains nothing from Arrow's thread pool, and a pool worker still
+    finishing at interpreter exit can abort the process (apache/arrow#34314)."""
     try:
-        column = pf.read_row_group(index, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
+        column = pf.read_row_group(index, columns=[TEXT_COLUMN], use_threads=False).column(TEXT_COLUMN)
     except Exception as e:
         raise NanochatError(f"corrupt parquet shard {path} (row group {index}): {_one_line(e)}") from None
     if column.null_count:
