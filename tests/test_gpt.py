@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat import gpt
+from nanochat import gpt, kernels
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig
 
@@ -168,15 +168,15 @@ def _plain_head_loss(x, weight, targets, softcap, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fused_head_matches_plain_loss_and_gradients(monkeypatch, softcap, reduction):
     # small chunk budgets so that 37 rows split into several chunks and sub-blocks with ragged ends
-    monkeypatch.setattr(gpt, "HEAD_CHUNK_ELEMENTS", 10 * 53)
-    monkeypatch.setattr(gpt, "HEAD_SUBBLOCK_ELEMENTS", 3 * 53)
+    monkeypatch.setattr(kernels, "HEAD_CHUNK_ELEMENTS", 10 * 53)
+    monkeypatch.setattr(kernels, "HEAD_SUBBLOCK_ELEMENTS", 3 * 53)
     torch.manual_seed(0)
     x = torch.randn(37, 16, dtype=torch.float64).float().requires_grad_()
     weight = (3 * torch.randn(53, 16)).requires_grad_()  # large logits: the soft-cap matters
     targets = torch.randint(0, 53, (37,))
     targets[[0, 11, 12, 36]] = -1
     grads = []
-    for fn in (_plain_head_loss, gpt.linear_cross_entropy):
+    for fn in (_plain_head_loss, kernels.linear_cross_entropy):
         x.grad = weight.grad = None
         loss = fn(x, weight, targets, softcap, reduction)
         (2.5 * loss).backward()  # a non-unit upstream gradient
@@ -192,11 +192,11 @@ def test_fused_head_no_grad_per_token():
     targets = torch.randint(0, 40, (20,))
     targets[5] = -1
     with torch.no_grad():
-        per_tok = gpt.linear_cross_entropy(x, weight, targets, 15.0, "none")
+        per_tok = kernels.linear_cross_entropy(x, weight, targets, 15.0, "none")
         ref = _plain_head_loss(x, weight, targets, 15.0, "none")
     torch.testing.assert_close(per_tok, ref)
     with pytest.raises(ValueError, match="reduction"):
-        gpt.linear_cross_entropy(x, weight, targets, 15.0, "max")
+        kernels.linear_cross_entropy(x, weight, targets, 15.0, "max")
 
 
 def _rope_reference(x, cos, sin):
@@ -214,9 +214,9 @@ def test_hand_written_backward_matches_autograd_of_plain_expressions(dtype, tol)
     dy = torch.randn_like(x)
     cos, sin = torch.randn(1, 8, 1, 8, dtype=dtype), torch.randn(1, 8, 1, 8, dtype=dtype)
     cases = [
-        (gpt.norm, lambda t: F.rms_norm(t, (t.size(-1),), eps=torch.finfo(t.dtype).eps)),
-        (gpt.relu_squared, lambda t: F.relu(t).square()),
-        (lambda t: gpt.apply_rotary_emb(t, cos, sin), lambda t: _rope_reference(t, cos, sin)),
+        (kernels.norm, lambda t: F.rms_norm(t, (t.size(-1),), eps=torch.finfo(t.dtype).eps)),
+        (kernels.relu_squared, lambda t: F.relu(t).square()),
+        (lambda t: kernels.apply_rotary_emb(t, cos, sin), lambda t: _rope_reference(t, cos, sin)),
     ]
     for fn, ref in cases:
         y, y_ref = fn(x), ref(x)
@@ -230,6 +230,6 @@ def test_hand_written_backward_gradcheck():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
     cos, sin = torch.randn(1, 5, 1, 4, dtype=torch.float64), torch.randn(1, 5, 1, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(gpt.norm, (x,))
-    assert torch.autograd.gradcheck(gpt.relu_squared, (x,))
-    assert torch.autograd.gradcheck(lambda t: gpt.apply_rotary_emb(t, cos, sin), (x,))
+    assert torch.autograd.gradcheck(kernels.norm, (x,))
+    assert torch.autograd.gradcheck(kernels.relu_squared, (x,))
+    assert torch.autograd.gradcheck(lambda t: kernels.apply_rotary_emb(t, cos, sin), (x,))

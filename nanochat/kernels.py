@@ -1,0 +1,240 @@
+"""
+Hand-written autograd kernels for the GPT model's elementwise layers and its loss, kept out of
+gpt.py so that the model file reads as the architecture alone (as upstream nanochat keeps
+flash_attention.py and fp8.py apart). They are a CPU speed measure: in eager mode each replaces a
+chain of full passes over memory with 2-3 passes and saves one tensor for backward; under
+torch.compile every function here falls back to the plain expression, which Inductor fuses itself.
+Each is tested against eager autograd of the plain expression, values and gradients
+(tests/test_gpt.py); timings are in docs/LOG.md.
+
+- norm(x): RMSNorm over the last dim, no learnable scale [Zhang & Sennrich 2019].
+  x: [..., D], any float dtype -> same shape and dtype.
+- relu_squared(x): ReLU^2 [So et al. 2021, "Primer"]. Any shape and float dtype.
+- apply_rotary_emb(x, cos, sin): RoPE in the half-split layout [Su et al. 2021].
+  x: [B, T, H, D]; cos, sin: [1 or B, T, 1, D/2] in x's dtype -> [B, T, H, D].
+- linear_cross_entropy(x, weight, targets, softcap, reduction): lm_head + logit soft-cap
+  [Gemma 2, 2024] + cross-entropy, chunked so the [N, vocab] logits never exist, with the gradient
+  formed in the forward pass [Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989].
+  x: [N, D] fp32 or bf16; weight: [V, D]; targets: int64 [N], -1 = ignored -> fp32 nats.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------------
+# Elementwise layers with hand-written backward passes. Eager autograd runs RMSNorm as ~6 kernels
+# each way (pow, mean, rsqrt, mul... and PowBackward) and ReLU^2 as 2 + 4; on a CPU, where each
+# kernel is a full pass over memory, these take seconds per training step. The versions below
+# save one tensor each and make 2-3 passes. Under torch.compile the plain expressions are used:
+# Inductor fuses them itself.
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x * r, r = 1 / sqrt(mean(x^2) + eps); dx = r * (dy - y * mean(dy * y))."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_().to(x.dtype)
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, r = ctx.saved_tensors
+        m = (dy * y).mean(-1, keepdim=True)
+        return torch.addcmul(dy, y, m, value=-1.0).mul_(r), None
+
+
+def norm(x):
+    """RMSNorm over the last dim, no learnable scale, eps = the dtype's machine epsilon (as
+    F.rms_norm). x: [..., D] -> same shape and dtype."""
+    eps = torch.finfo(x.dtype).eps
+    if torch.compiler.is_compiling():
+        return F.rms_norm(x, (x.size(-1),), eps=eps)
+    return _RMSNorm.apply(x, eps)
+
+
+class _ReluSquared(torch.autograd.Function):
+    """y = relu(x)^2; dx = 2 relu(x) dy."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, dy):
+        (r,) = ctx.saved_tensors
+        return (dy * r).mul_(2.0)
+
+
+def relu_squared(x):
+    """ReLU^2 [So et al. 2021, "Primer"]. Any shape and float dtype."""
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    return _ReluSquared.apply(x)
+
+
+def _rotate(x, cos, sin):
+    """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim, written
+    straight into the two halves of the output (no torch.cat)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :d], out[..., d:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=-1.0)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """A rotation per pair; its gradient is the inverse rotation (sin negated)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, -sin), None, None
+
+
+def apply_rotary_emb(x, cos, sin):
+    """
+    RoPE [Su et al. 2021] in the half-split layout: rotates the pairs (x[..., i], x[..., i + D/2])
+    by the angles whose cos / sin are given. x: [B, T, H, D]; cos, sin: [1, T, 1, D/2] or
+    [B, T, 1, D/2] (per-row positions), x's dtype. Returns [B, T, H, D]. cos and sin are constants
+    (no gradient).
+    """
+    if torch.compiler.is_compiling():
+        d = x.shape[-1] // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return _Rotary.apply(x, cos, sin)
+
+
+# ------------------------------------------------------------------------------------------------
+# The language-model head and its loss, fused and chunked
+
+# Rows of x per chunk of the fused head, chosen so that one chunk of logits is ~32M fp32 elements
+# (128 MiB at vocab 32768: big enough for the three matmuls to run at full speed, small enough
+# that the buffers are reused instead of a fresh [N, vocab] tensor per op), and rows per sub-block
+# of the elementwise work (~4M elements: it stays in the L2/L3 caches across its ~10 passes).
+HEAD_CHUNK_ELEMENTS = 1 << 25
+HEAD_SUBBLOCK_ELEMENTS = 1 << 22
+
+
+def _head_chunk_loop(x, weight, targets, softcap, need_grad):
+    """
+    The chunked head: for rows [s, e) of x, logits = softcap(x @ W^T) is computed into a reused
+    buffer, the per-row loss logsumexp(logits) - logits[target] taken, and, when need_grad, the
+    gradient of the SUMMED loss with respect to the pre-cap logits,
+        dz = (softmax(logits) - onehot(target)) * (1 - tanh(z / c)^2),
+    formed in place and immediately contracted into dx = dz @ W and dW += dz^T @ x. The [N, vocab]
+    logits never exist. Returns (row_loss fp32 [N] (0 at ignored rows), dx [N, D] in x's dtype or
+    None, dW fp32 [V, D] or None).
+    With a soft-cap c > 0 the logits lie in [-c, c], so exp() cannot overflow for c < 80 and no
+    max is subtracted; without one the row max is subtracted first.
+    """
+    N, V = x.size(0), weight.size(0)
+    w = weight.to(x.dtype)
+    chunk = max(1, min(N, HEAD_CHUNK_ELEMENTS // V))
+    sub = max(1, min(chunk, HEAD_SUBBLOCK_ELEMENTS // V))
+    z_buf = x.new_empty(chunk, V)  # x @ W^T in the compute dtype, then tanh(z / c) in place
+    p_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)  # logits -> softmax -> dz
+    row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_grad else None
+    dw = torch.zeros(V, x.size(1), dtype=torch.float32, device=x.device) if need_grad else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        xc, zc, pc = x[s:e], z_buf[: e - s], p_buf[: e - s]
+        torch.mm(xc, w.t(), out=zc)
+        for a in range(0, e - s, sub):
+            b = min(a + sub, e - s)
+            y = targets[s + a : s + b]
+            valid = y >= 0
+            y = y.clamp(min=0)[:, None]
+            logits = pc[a:b]
+            if softcap:
+                t = zc[a:b].float().mul_(1.0 / softcap).tanh_()  # float() is a copy only for bf16
+                torch.mul(t, softcap, out=logits)
+                target_logit = logits.gather(1, y).squeeze(1)
+                sumexp = logits.exp_().sum(1, keepdim=True)
+                log_z = sumexp.log().squeeze(1)
+            else:
+                logits.copy_(zc[a:b])
+                target_logit = logits.gather(1, y).squeeze(1)
+                row_max = logits.amax(1, keepdim=True)
+                sumexp = logits.sub_(row_max).exp_().sum(1, keepdim=True)
+                log_z = sumexp.log().squeeze(1) + row_max.squeeze(1)
+            row_loss[s + a : s + b] = (log_z - target_logit) * valid
+            if not need_grad:
+                continue
+            dz = logits.div_(sumexp)  # softmax
+            dz.scatter_add_(1, y, -valid[:, None].float())  # - onehot(target) on counted rows
+            dz.mul_(valid[:, None])  # ignored rows get no gradient
+            if softcap:
+                dz.addcmul_(dz, t.square_(), value=-1.0)  # * (1 - t^2): the derivative of c tanh(z / c)
+        if need_grad:
+            dzc = pc.to(x.dtype)  # no copy in fp32; bf16 matmuls as in the plain path
+            torch.mm(dzc, w, out=dx[s:e])
+            if dw.dtype == x.dtype:
+                dw.addmm_(dzc.t(), xc)
+            else:
+                dw.add_(torch.mm(dzc.t(), xc))
+    return row_loss, dx, dw
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed loss of the chunked head with its gradients computed in the forward pass (the loss is
+    the end of the graph, so nothing is lost by doing it early; Liger-Kernel's fused linear cross
+    entropy does the same on GPU, Hsu et al. 2024, arXiv:2410.10989)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap):
+        row_loss, dx, dw = _head_chunk_loop(x, weight, targets, softcap, need_grad=True)
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_loss.to(dx.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(x, weight, targets, softcap=0.0, reduction="mean"):
+    """
+    cross_entropy(softcap(x @ weight^T), targets) without materialising the [N, vocab] logits.
+    x: [N, D] activations (fp32 or bf16); weight: [V, D] (lm_head, any float dtype, cast to x's);
+    targets: int64 [N], -1 = ignored. softcap: c of c * tanh(logits / c), 0 = none. reduction:
+    "mean" over counted positions (NaN if there are none, as in F.cross_entropy), "sum", or "none"
+    (fp32 [N], 0 at ignored positions). Returns fp32 nats.
+    The fused path (chunked, gradient formed in the forward pass) is exact up to fp32 round-off and
+    takes the CPU head from ~20 s to ~8.5 s per 16K tokens at vocab 32768 (docs/LOG.md). Under
+    torch.compile, or when a per-token loss needs a gradient (RL), the plain path runs instead:
+    Inductor fuses its elementwise work itself.
+    Raises ValueError for an unknown reduction.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown loss reduction {reduction!r}, expected 'mean', 'sum' or 'none'")
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling() or (need_grad and reduction == "none"):
+        logits = F.linear(x, weight.to(x.dtype)).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    if need_grad:
+        total = _FusedLinearCrossEntropy.apply(x, weight, targets, float(softcap))
+    else:
+        row_loss = _head_chunk_loop(x, weight, targets, softcap, need_grad=False)[0]
+        if reduction == "none":
+            return row_loss
+        total = row_loss.sum()
+    return total / (targets >= 0).sum() if reduction == "mean" else total
