@@ -1,12 +1,14 @@
 """
-Evaluation of chat models on tasks (tasks/): the loops that scripts/chat_eval.py, chat_rl and the
-report share.
+Evaluation of chat models on task objects (the tasks/ interface: len, task[i] -> conversation,
+eval_type, evaluate): the loops that scripts/chat_eval.py and chat_rl share. The suite of tasks and
+their evaluation splits is tasks/recipe.py (CHAT_TASKS, load_chat_task); this module never imports it.
 
 Categorical tasks (MMLU, ARC; each conversation carries its answer "letters"): the prompt is the
 conversation up to <|assistant_start|> (Tokenizer.render_for_completion); the model's prediction
 is the letter whose token has the largest logit at that last position, among the problem's letters
-only. Prompts are batched: sorted by length, right-padded, and the logits gathered at each row's
-last real position (causal attention: the padding after a row cannot change it).
+only, and task.evaluate(conversation, letter) judges it. Prompts are batched: sorted by length,
+right-padded, and the logits gathered at each row's last real position (causal attention: the
+padding after a row cannot change it).
 
 Generative tasks (GSM8K, HumanEval, SpellingBee): num_samples completions per problem through the
 Engine (KV cache, several problems decoded as one batch, python tool calls run in the sandbox of
@@ -32,35 +34,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import NanochatError
-from tasks.common import assistant_text
 
-CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # Logits of one categorical batch are [B, T, vocab_size] fp32 (the model returns every position):
 # B and the padded T are capped so that this stays under LOGITS_BUDGET_BYTES.
 LOGITS_BUDGET_BYTES = 1 << 30
-SPELLING_BEE_PROBLEMS = 256  # SpellingBee is synthetic: this many test problems (nanochat's number)
-
-
-def load_chat_task(name, tasks_dir=None):
-    """The evaluation split of a task by its name in CHAT_TASKS (test splits; SpellingBee: 256
-    synthetic test problems). Raises NanochatError for an unknown name or missing data."""
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        return ARC(subset=name, split="test", tasks_dir=tasks_dir)
-    if name == "MMLU":
-        return MMLU(split="test", tasks_dir=tasks_dir)
-    if name == "GSM8K":
-        return GSM8K(split="test", tasks_dir=tasks_dir)
-    if name == "HumanEval":
-        return HumanEval(tasks_dir=tasks_dir)
-    if name == "SpellingBee":
-        return SpellingBee(size=SPELLING_BEE_PROBLEMS, split="test", tasks_dir=tasks_dir)
-    raise NanochatError(f"unknown chat task {name!r}; expected one of {', '.join(CHAT_TASKS)}")
 
 
 # -----------------------------------------------------------------------------
@@ -148,6 +125,7 @@ def fit_prompt(ids, limit):
 def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_budget_bytes=LOGITS_BUDGET_BYTES, log=None):
     """
     Score categorical problems task[i] for i in indices. model(idx) -> fp32 logits [B, T, vocab_size].
+    The predicted letter is judged by task.evaluate(conversation, letter).
     log: called with a progress line now and then, or None.
     Returns (sums, outcomes): sums = {"problems", "correct", "chance", "cropped"} (chance: the sum of
     1 / number of letters), outcomes = {index: (predicted letter, [logit of each letter], fp32 values)}.
@@ -162,7 +140,7 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
         ids, cut = fit_prompt(tokenizer.render_for_completion(conversation), limit)
         cropped += cut
         chance += 1.0 / len(letters)
-        items.append((i, ids, letters, letter_token_ids(tokenizer, letters), assistant_text(conversation["messages"][-1]).strip()))
+        items.append((i, ids, conversation, letter_token_ids(tokenizer, letters)))
     items.sort(key=lambda item: -len(item[1]))  # similar lengths together: little padding
     outcomes, correct, start, reported, t0 = {}, 0, 0, 0, time.time()
     while start < len(items):
@@ -171,16 +149,16 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
         batch = items[start : start + B]
         start += len(batch)
         x = torch.full((len(batch), T), tokenizer.bos_token_id, dtype=torch.long)
-        for row, (_, ids, _, _, _) in enumerate(batch):
+        for row, (_, ids, _, _) in enumerate(batch):
             x[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         logits = model(x.to(device))
-        last = torch.tensor([len(ids) - 1 for _, ids, _, _, _ in batch], device=device)
+        last = torch.tensor([len(ids) - 1 for _, ids, _, _ in batch], device=device)
         final = logits[torch.arange(len(batch), device=device), last]  # [B, vocab_size]
-        for row, (i, _, letters, letter_ids, answer) in enumerate(batch):
+        for row, (i, _, conversation, letter_ids) in enumerate(batch):
             letter_logits = final[row, letter_ids]
-            predicted = letters[int(letter_logits.argmax())]
+            predicted = conversation["letters"][int(letter_logits.argmax())]
             outcomes[i] = (predicted, letter_logits.tolist())
-            correct += predicted == answer
+            correct += bool(task.evaluate(conversation, predicted))
         if log is not None and (start - reported >= max(1, len(items) // 10) or start == len(items)):
             reported = start
             log(f"  {start}/{len(items)} problems scored ({time.time() - t0:.0f}s)")
@@ -301,14 +279,17 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
 # Presentation
 
 
-def format_table(results, chatcore=None):
-    """A markdown table of evaluate_task results (one row per task) and the ChatCORE line."""
+def format_table(results, chatcore, suite):
+    """A markdown table of evaluate_task results (one row per task) and, unless chatcore is None, the
+    ChatCORE line. suite: the task names a full ChatCORE averages over (tasks.recipe.CHAT_TASKS); the
+    line says when the results cover only some of them."""
     lines = ["| task | type | problems | accuracy | chance | centred | pass@k | time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         pass_k = ", ".join(f"pass@{k} {v:.4f}" for k, v in r.get("pass_at_k", {}).items() if k != 1) or "-"
         lines.append(f"| {r['task']} | {r['eval_type']} | {r['problems']} | {r['accuracy']:.4f} | {r['chance']:.4f} | {r['centered']:+.4f} | {pass_k} | {r['time_s']:.1f} |")
     if chatcore is not None:
         names = {r["task"] for r in results}
-        scope = "all 6 tasks" if names == set(CHAT_TASKS) else f"{len(names)} of the 6 tasks: not comparable to a full ChatCORE"
+        scope = f"all {len(suite)} tasks" if names == set(suite) else \
+            f"{len(names)} of the {len(suite)} tasks: not comparable to a full ChatCORE"
         lines.append(f"\nChatCORE {chatcore:.4f} (mean centred score over {scope})")
     return "\n".join(lines)

@@ -128,3 +128,20 @@ def atomic_write_bytes(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def resolve_data_path(explicit, env_var, subpath, default):
+    """
+    Where a kind of local data lives, the first that is set of: `explicit` (a function argument or
+    a script's flag) > $env_var (e.g. NANOCHAT_DATA_DIR) > $NANOCHAT_DATA_ROOT/subpath (one data
+    root laid out like shared/data: pretrain/, tasks/, chat/, eval/core/, words/words_alpha.txt) >
+    default(), a callable so that a default under the base dir creates that dir only when it is used.
+    Returns the path as found (a str); whether it exists is the caller's to check.
+    """
+    if explicit:
+        return explicit
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    if os.environ.get("NANOCHAT_DATA_ROOT"):
+        return os.path.join(os.environ["NANOCHAT_DATA_ROOT"], subpath)
+    return default()

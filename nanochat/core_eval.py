@@ -5,9 +5,9 @@ by its random-guessing baseline, averaged. nanochat reports it for base models (
 
 Data: an eval dir holding `core_tasks.tsv` (the task table, one row per task) and the llm-foundry
 jsonl files it names (../shared/data/eval/core, README there). Eval dir: the `eval_dir` argument
-(a script's --eval-dir) > $NANOCHAT_EVAL_DIR > <base_dir>/eval_bundle. A task whose file is absent
-(or empty) is reported as missing and CORE is averaged over the tasks present; the result says so
-(`tasks_present`, `tasks_missing`, `note`).
+(a script's --eval-dir) > $NANOCHAT_EVAL_DIR > $NANOCHAT_DATA_ROOT/eval/core > <base_dir>/eval_bundle.
+A task whose file is absent (or empty) is reported as missing and CORE is averaged over the tasks
+present; the result says so (`tasks_present`, `tasks_missing`, `note`).
 
 Prompt format (documented in full in docs/core.md). Every string of an item is stripped of
 surrounding whitespace first (llm-foundry's strip_dataset). One demonstration is
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, get_base_dir, resolve_data_path
 
 TASK_TABLE = "core_tasks.tsv"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -85,11 +85,12 @@ class Prompt:
 
 
 def get_eval_dir(eval_dir=None):
-    """The CORE eval dir: eval_dir (a --eval-dir flag) > $NANOCHAT_EVAL_DIR > <base_dir>/eval_bundle.
-    Raises NanochatError if it does not exist."""
-    path = eval_dir or os.environ.get("NANOCHAT_EVAL_DIR") or os.path.join(get_base_dir(), "eval_bundle")
+    """The CORE eval dir: eval_dir (a --eval-dir flag) > $NANOCHAT_EVAL_DIR > $NANOCHAT_DATA_ROOT/eval/core >
+    <base_dir>/eval_bundle. Raises NanochatError if it does not exist."""
+    path = resolve_data_path(eval_dir, "NANOCHAT_EVAL_DIR", os.path.join("eval", "core"),
+                             lambda: os.path.join(get_base_dir(), "eval_bundle"))
     if not os.path.isdir(path):
-        raise NanochatError(f"CORE eval dir not found: {path} (pass --eval-dir or set NANOCHAT_EVAL_DIR to a directory with {TASK_TABLE}, e.g. shared/data/eval/core)")
+        raise NanochatError(f"CORE eval dir not found: {path} (pass --eval-dir, or set NANOCHAT_EVAL_DIR to a directory with {TASK_TABLE} or NANOCHAT_DATA_ROOT to one with eval/core/, e.g. shared/data)")
     return path
 
 

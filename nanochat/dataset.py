@@ -8,7 +8,7 @@ the training split. Only files whose names end in `.parquet` count: downloads in
 written to `*.tmp` files and renamed into place when complete, so a `.parquet` file is always whole.
 
 Data directory: the explicit argument (a script's `--data-dir`) > $NANOCHAT_DATA_DIR >
-<base_dir>/base_data (base_dir from nanochat.common.get_base_dir).
+$NANOCHAT_DATA_ROOT/pretrain > <base_dir>/base_data (nanochat.common.resolve_data_path).
 
 Download the first N FineWeb-Edu shards (the default source: the Hugging Face dataset
 karpathy/fineweb-edu-100b-shuffle, 1823 shards of ~100 MB):
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow.parquet as pq
 
-from nanochat.common import NanochatError, get_base_dir, run_main
+from nanochat.common import NanochatError, get_base_dir, resolve_data_path, run_main
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 NUM_SHARDS = 1823  # shard_00000 ... shard_01822 in the default source
@@ -41,11 +41,9 @@ def shard_name(index):
 
 
 def get_data_dir(data_dir=None):
-    """The shard directory: data_dir (a --data-dir flag) > $NANOCHAT_DATA_DIR > <base_dir>/base_data.
-    Not created here: readers report a missing directory, the downloader creates it."""
-    if data_dir:
-        return data_dir
-    return os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(get_base_dir(), "base_data")
+    """The shard directory: data_dir (a --data-dir flag) > $NANOCHAT_DATA_DIR > $NANOCHAT_DATA_ROOT/pretrain >
+    <base_dir>/base_data. Not created here: readers report a missing directory, the downloader creates it."""
+    return resolve_data_path(data_dir, "NANOCHAT_DATA_DIR", "pretrain", lambda: os.path.join(get_base_dir(), "base_data"))
 
 
 def list_parquet_files(data_dir=None):
@@ -56,7 +54,7 @@ def list_parquet_files(data_dir=None):
     """
     data_dir = get_data_dir(data_dir)
     if not os.path.isdir(data_dir):
-        raise NanochatError(f"data directory not found: {data_dir} (download shards with: python -m nanochat.dataset -n 8, or pass --data-dir / set NANOCHAT_DATA_DIR)")
+        raise NanochatError(f"data directory not found: {data_dir} (download shards with: python -m nanochat.dataset -n 8, or pass --data-dir / set NANOCHAT_DATA_DIR or NANOCHAT_DATA_ROOT)")
     paths = sorted(p for p in glob.glob(os.path.join(data_dir, "*.parquet")) if os.path.isfile(p))
     if not paths:
         raise NanochatError(f"no parquet shards (*.parquet) in data directory {data_dir}")

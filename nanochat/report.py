@@ -42,7 +42,6 @@ PRICE_ENV = "NANOCHAT_GPU_HOUR_PRICE"
 # The pipeline's order; stages not listed here come after, in the order they were logged.
 STAGE_ORDER = ("tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl")
 EVAL_SOURCES = ("base", "mid", "sft", "rl")
-CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # Curves drawn from a metrics.jsonl, one panel per key present (label, key).
 CURVES = (("train loss", "loss"), ("val loss", "val_loss"), ("val bpb", "val_bpb"), ("reward", "reward"), ("GSM8K pass@1 (test)", "eval_pass@1"))
 # Keys of a metrics.jsonl whose last value the stage summary keeps.
@@ -287,7 +286,7 @@ def eval_table(d):
     """Markdown: rows = metrics, columns = the stages (base, mid, sft, rl) that were evaluated."""
     columns, cells = [], {}
     base = _read_json(os.path.join(d, "base-eval.json")) if os.path.isfile(os.path.join(d, "base-eval.json")) else None
-    rows = []
+    rows, tasks = [], []  # tasks: in the order the chat-eval files list them (the suite's order)
     if base:
         if "core" in base:
             cells[("CORE", "base")] = base["core"].get("core")
@@ -306,6 +305,8 @@ def eval_table(d):
         if ev.get("chatcore") is not None:
             cells[("ChatCORE", source)] = ev["chatcore"]
         for task, r in ev.get("tasks", {}).items():
+            if task not in tasks:
+                tasks.append(task)
             cells[(task, source)] = r.get("accuracy")
             for k, v in (r.get("pass_at_k") or {}).items():
                 if str(k) != "1":
@@ -314,8 +315,8 @@ def eval_table(d):
         return None
     columns = [c for c in EVAL_SOURCES if c in columns]
     names = {name for name, _ in cells}
-    extra = sorted(n for n in names if n not in rows and n != "ChatCORE" and n not in CHAT_TASKS)
-    rows += [n for n in ("ChatCORE",) + CHAT_TASKS if n in names and n not in rows] + extra
+    extra = sorted(n for n in names if n not in rows and n != "ChatCORE" and n not in tasks)
+    rows += [n for n in ["ChatCORE"] + tasks if n in names and n not in rows] + extra
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += ["| " + r + " | " + " | ".join(_fmt(cells.get((r, c))) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

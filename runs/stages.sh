@@ -27,13 +27,13 @@ run_stage() {
     touch "$marker"
 }
 
-# Point every data path at one local data root laid out like shared/data (pretrain/, tasks/,
-# chat/, eval/core/, words/) when NANOCHAT_DATA_ROOT is given; explicit variables win.
+# One local data root laid out like shared/data (pretrain/, tasks/, chat/, eval/core/, words/):
+# the library resolves every data path under NANOCHAT_DATA_ROOT itself (explicit flags and
+# variables win, nanochat.common.resolve_data_path); here it is made absolute, so that a relative
+# root means the same in every stage. NANOCHAT_DATA_DIR is still set because the recipes test it
+# to decide whether to download shards.
 if [ -n "${NANOCHAT_DATA_ROOT:-}" ]; then
-    NANOCHAT_DATA_ROOT=$(cd "$NANOCHAT_DATA_ROOT" && pwd)
+    NANOCHAT_DATA_ROOT=$(cd "$NANOCHAT_DATA_ROOT" && pwd)  # apart from export: a missing root fails under set -e
+    export NANOCHAT_DATA_ROOT
     export NANOCHAT_DATA_DIR=${NANOCHAT_DATA_DIR:-$NANOCHAT_DATA_ROOT/pretrain}
-    export NANOCHAT_TASKS_DIR=${NANOCHAT_TASKS_DIR:-$NANOCHAT_DATA_ROOT/tasks}
-    export NANOCHAT_CHAT_DIR=${NANOCHAT_CHAT_DIR:-$NANOCHAT_DATA_ROOT/chat}
-    export NANOCHAT_EVAL_DIR=${NANOCHAT_EVAL_DIR:-$NANOCHAT_DATA_ROOT/eval/core}
-    export NANOCHAT_WORDS_FILE=${NANOCHAT_WORDS_FILE:-$NANOCHAT_DATA_ROOT/words/words_alpha.txt}
 fi

@@ -16,10 +16,11 @@ import json
 import os
 import time
 
-from nanochat.chat_eval import CHAT_TASKS, chat_core, evaluate_task, format_table, load_chat_task
+from nanochat.chat_eval import chat_core, evaluate_task, format_table
 from nanochat.checkpoint_manager import STAGES, load_model
 from nanochat import report as run_report
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from tasks.recipe import CHAT_TASKS, load_chat_task
 
 
 def parse_args(argv=None):
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--model-tag", type=str, default=None, help="model tag (default: the newest of the stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(CHAT_TASKS)}")
-    p.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR or <base_dir>/tasks)")
+    p.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all; else a fixed random subset)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of the categorical tasks")
     p.add_argument("--num-samples", type=int, default=1, help="completions per problem of the generative tasks (pass@k up to this k)")
@@ -83,7 +84,7 @@ def main(argv=None):
         print0(f"{name}: accuracy {r['accuracy']:.4f} (chance {r['chance']:.4f}, centred {r['centered']:+.4f}) on {r['problems']} problems in {r['time_s']:.1f}s{notes}")
         results.append(r)
     chatcore = chat_core(results)
-    table = format_table(results, chatcore)
+    table = format_table(results, chatcore, CHAT_TASKS)
     print0(table)
 
     # -------------------------------------------------------------------------------- report

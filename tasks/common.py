@@ -11,11 +11,13 @@ with user/assistant alternating after the optional system message. An assistant 
 {"type": "text" | "python" | "python_output", "text": str}: python parts are tool calls (trained),
 python_output parts are what the tool returned (not trained; the tokenizer masks them).
 
-Local data: `tasks_dir` argument > $NANOCHAT_TASKS_DIR > <base dir>/tasks, laid out as
-gsm8k/, arc/, mmlu/, humaneval/ (see shared/data/README.md). Chat jsonl files: $NANOCHAT_CHAT_DIR >
-the tasks dir's sibling chat/. Word list: $NANOCHAT_WORDS_FILE > the tasks dir's sibling
-words/words_alpha.txt. Where local data is missing, the `datasets` package loads the standard hub
-dataset; where that is not possible either, a NanochatError names the task and the local path.
+Local data (nanochat.common.resolve_data_path): `tasks_dir` argument > $NANOCHAT_TASKS_DIR >
+$NANOCHAT_DATA_ROOT/tasks > <base dir>/tasks, laid out as gsm8k/, arc/, mmlu/, humaneval/ (see
+shared/data/README.md). Chat jsonl files: $NANOCHAT_CHAT_DIR > $NANOCHAT_DATA_ROOT/chat > the tasks
+dir's sibling chat/. Word list: $NANOCHAT_WORDS_FILE > $NANOCHAT_DATA_ROOT/words/words_alpha.txt >
+the tasks dir's sibling words/words_alpha.txt. Where local data is missing, the `datasets` package
+loads the standard hub dataset; where that is not possible either, a NanochatError names the task
+and the local path.
 """
 
 import bisect
@@ -25,7 +27,7 @@ import re
 
 import numpy as np
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, get_base_dir, resolve_data_path
 
 
 class Task:
@@ -251,20 +253,23 @@ def extract_choice(completion, letters):
 # Where data comes from
 
 def resolve_tasks_dir(path=None):
-    """Local task data root: `path` > $NANOCHAT_TASKS_DIR > <base dir>/tasks."""
-    return os.path.abspath(path or os.environ.get("NANOCHAT_TASKS_DIR") or os.path.join(get_base_dir(), "tasks"))
+    """Local task data root: `path` > $NANOCHAT_TASKS_DIR > $NANOCHAT_DATA_ROOT/tasks > <base dir>/tasks."""
+    return os.path.abspath(resolve_data_path(path, "NANOCHAT_TASKS_DIR", "tasks",
+                                             lambda: os.path.join(get_base_dir(), "tasks")))
 
 
 def resolve_chat_dir(tasks_root=None):
-    """Local chat jsonl directory: $NANOCHAT_CHAT_DIR > the tasks dir's sibling chat/."""
-    return os.path.abspath(os.environ.get("NANOCHAT_CHAT_DIR")
-                           or os.path.join(resolve_tasks_dir(tasks_root), "..", "chat"))
+    """Local chat jsonl directory: $NANOCHAT_CHAT_DIR > $NANOCHAT_DATA_ROOT/chat > the tasks dir's sibling chat/."""
+    return os.path.abspath(resolve_data_path(None, "NANOCHAT_CHAT_DIR", "chat",
+                                             lambda: os.path.join(resolve_tasks_dir(tasks_root), "..", "chat")))
 
 
 def resolve_words_file(tasks_root=None):
-    """Word list (one word per line): $NANOCHAT_WORDS_FILE > the tasks dir's sibling words/words_alpha.txt."""
-    return os.path.abspath(os.environ.get("NANOCHAT_WORDS_FILE")
-                           or os.path.join(resolve_tasks_dir(tasks_root), "..", "words", "words_alpha.txt"))
+    """Word list (one word per line): $NANOCHAT_WORDS_FILE > $NANOCHAT_DATA_ROOT/words/words_alpha.txt > the
+    tasks dir's sibling words/words_alpha.txt."""
+    subpath = os.path.join("words", "words_alpha.txt")
+    return os.path.abspath(resolve_data_path(None, "NANOCHAT_WORDS_FILE", subpath,
+                                             lambda: os.path.join(resolve_tasks_dir(tasks_root), "..", subpath)))
 
 
 def read_jsonl(path):
@@ -285,7 +290,7 @@ def load_hub(task, local_path, hub_path, hub_name, split):
     a task whose local data at `local_path` is missing. Returns an indexable sequence of dicts.
     Raises NanochatError naming the task and local_path when `datasets` is missing or the hub fails.
     """
-    where = f"{task}: no local data at {local_path} (set --tasks-dir or NANOCHAT_TASKS_DIR)"
+    where = f"{task}: no local data at {local_path} (set --tasks-dir, NANOCHAT_TASKS_DIR or NANOCHAT_DATA_ROOT)"
     try:
         import datasets
     except ImportError:

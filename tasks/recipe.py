@@ -14,6 +14,10 @@ relative to the recipe file. Per entry: "weight" (all entries weighted, split `s
 or "count" (that many examples, repeating or subsampling), or neither (every example once);
 weights cannot be mixed with counts or with unweighted entries.
 A malformed recipe raises NanochatError("<file>: <what is wrong>").
+
+The task registries live here, next to each other: TASKS (recipe names -> classes) and the chat
+evaluation suite CHAT_TASKS with load_chat_task(name). The library (nanochat/) never imports tasks/:
+scripts build task objects here and hand them to it.
 """
 
 import inspect
@@ -33,6 +37,28 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 TASKS = {cls.__name__: cls for cls in (ARC, CustomJSON, GSM8K, HumanEval, Identity, MMLU, SimpleSpelling,
                                        SmolTalk, SpellingBee)}
 PATH_ARGS = ("path", "words_file")  # resolved relative to the recipe file's directory
+
+# The chat evaluation suite (scripts/chat_eval.py, chat_rl; ChatCORE is the mean over all of them):
+# name -> (task class, arguments) of its evaluation split. SpellingBee is synthetic: 256 test
+# problems, nanochat's number.
+CHAT_EVAL_SPLITS = {
+    "ARC-Easy": (ARC, {"subset": "ARC-Easy", "split": "test"}),
+    "ARC-Challenge": (ARC, {"subset": "ARC-Challenge", "split": "test"}),
+    "MMLU": (MMLU, {"split": "test"}),
+    "GSM8K": (GSM8K, {"split": "test"}),
+    "HumanEval": (HumanEval, {}),
+    "SpellingBee": (SpellingBee, {"size": 256, "split": "test"}),
+}
+CHAT_TASKS = tuple(CHAT_EVAL_SPLITS)
+
+
+def load_chat_task(name, tasks_dir=None):
+    """The evaluation split of the chat task `name` (one of CHAT_TASKS), a Task with an eval_type.
+    Raises NanochatError for an unknown name or missing data."""
+    if name not in CHAT_EVAL_SPLITS:
+        raise NanochatError(f"unknown chat task {name!r}; expected one of {', '.join(CHAT_TASKS)}")
+    cls, args = CHAT_EVAL_SPLITS[name]
+    return cls(**args, tasks_dir=tasks_dir)
 
 
 def load_recipe(path, tasks_dir=None):

@@ -7,8 +7,8 @@ count with a python tool call and ends in "#### <count>". SimpleSpelling: spell 
 Examples are generated from their index with a string-seeded random.Random, so item i is the same
 on every run and machine; train and test use different seeds.
 
-Word list: `words_file` > $NANOCHAT_WORDS_FILE > the tasks dir's sibling words/words_alpha.txt
-(dwyl/english-words words_alpha.txt: one lowercase word per line).
+Word list: `words_file` > $NANOCHAT_WORDS_FILE > $NANOCHAT_DATA_ROOT/words/words_alpha.txt > the tasks
+dir's sibling words/words_alpha.txt (dwyl/english-words words_alpha.txt: one lowercase word per line).
 """
 
 import os
@@ -53,7 +53,7 @@ def load_words(task, words_file=None, tasks_dir=None):
     path = words_file or resolve_words_file(tasks_dir)
     if not os.path.isfile(path):
         raise NanochatError(f"{task}: no word list at {path} (set NANOCHAT_WORDS_FILE, e.g. to words_alpha.txt "
-                            "from github.com/dwyl/english-words)")
+                            "from github.com/dwyl/english-words, or NANOCHAT_DATA_ROOT)")
     return _read_words(os.path.abspath(path))
 
 

@@ -1,12 +1,15 @@
 """
 Chat evaluation (nanochat/chat_eval.py): categorical scoring with stand-in models whose answers are
 known, batched vs one-at-a-time scoring on a real tiny GPT, generative scoring and pass@k with a
-scripted engine, HumanEval programs that pass, hang or exit early in the sandbox, and the ChatCORE
-centring. The end-to-end script run is in tests/test_mid_train.py.
+scripted engine, HumanEval programs that pass, hang or exit early in the sandbox, the ChatCORE
+centring, the suite (tasks.recipe.CHAT_TASKS, load_chat_task) and that the library never imports
+tasks/. The end-to-end script run is in tests/test_mid_train.py.
 """
 
+import ast
 import math
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,8 +31,9 @@ from nanochat.chat_eval import (
 from nanochat.common import NanochatError
 from nanochat.engine import TokenEvent
 from nanochat.gpt import GPT, GPTConfig
-from scripts_util import SHARED_DATA
+from scripts_util import REPO, SHARED_DATA
 from tasks.common import Task
+from tasks.recipe import CHAT_TASKS, load_chat_task
 
 TOK = byte_tokenizer()
 LETTERS = "ABCDE"
@@ -131,6 +135,9 @@ class MCTask(Task):
     def get_example(self, index):
         return self.items[index]
 
+    def evaluate(self, conversation, completion):
+        return completion == conversation["messages"][-1]["content"]
+
 
 @pytest.mark.parametrize("batch_size, budget", [(1, 1 << 30), (4, 1 << 30), (16, 1 << 30), (16, 30 * 265 * 4 * 2)])
 def test_categorical_scores_the_letter_at_the_last_prompt_position(batch_size, budget):
@@ -150,7 +157,7 @@ def test_evaluate_task_centres_by_the_real_number_of_choices():
     assert r["centered"] == pytest.approx((6 / 11 - chance) / (1 - chance))
     r = evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", task, max_problems=4, seed=0)
     assert r["problems"] == 4
-    assert "| MC | categorical | 4 |" in format_table([r], chat_core([r]))
+    assert "| MC | categorical | 4 |" in format_table([r], chat_core([r]), ("MC",))
 
 
 @needs_tasks
@@ -261,3 +268,53 @@ def test_humaneval_in_the_sandbox_pass_hang_and_early_exit_are_judged():
     assert [ok for _, ok in outcomes[1]] == [True, False, False, False]
     assert sums["correct_samples"] == 2 and sums["eval_errors"] == 0
     assert sums["pass@1"] == pytest.approx(2 * 0.25) and sums["pass@4"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------------ the suite and the layering
+
+
+def tasks_imports(source):
+    """The imports of tasks/ (absolute: `import tasks...`, `from tasks... import`) in Python source."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        found += [f"{node.lineno}: {name}" for name in names if name == "tasks" or name.startswith("tasks.")]
+    return found
+
+
+def test_the_library_never_imports_tasks():
+    # the checker sees every form, at any depth (a function-local import included)
+    source = "import tasks.arc\nfrom tasks import recipe\ndef f():\n    from tasks.common import Task"
+    assert tasks_imports(source) == ["1: tasks.arc", "2: tasks", "4: tasks.common"]
+    assert tasks_imports("import tasksx\nfrom nanochat.tasks_util import y\nfrom .tasks import z") == []
+    paths = sorted(Path(REPO, "nanochat").rglob("*.py"))
+    assert len(paths) > 10
+    offenders = {str(p.relative_to(REPO)): found for p in paths if (found := tasks_imports(p.read_text(encoding="utf-8")))}
+    assert offenders == {}, "the library takes task objects; registries live in tasks/recipe.py"
+
+
+def test_chat_suite_and_its_table_line():
+    assert CHAT_TASKS == ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+    with pytest.raises(NanochatError, match="unknown chat task 'Nope'; expected one of ARC-Easy, ARC-Challenge, MMLU"):
+        load_chat_task("Nope")
+    r = {"task": "GSM8K", "eval_type": "generative", "problems": 2, "accuracy": 0.5, "chance": 0.0, "centered": 0.5, "time_s": 1.0}
+    assert "ChatCORE 0.5000 (mean centred score over 1 of the 6 tasks: not comparable" in format_table([r], 0.5, CHAT_TASKS)
+    results = [dict(r, task=name) for name in CHAT_TASKS]
+    assert format_table(results, 0.5, CHAT_TASKS).endswith("ChatCORE 0.5000 (mean centred score over all 6 tasks)")
+    assert "ChatCORE" not in format_table(results, None, CHAT_TASKS)
+
+
+@needs_tasks
+def test_load_chat_task_gives_each_evaluation_split(monkeypatch):
+    for var in ("NANOCHAT_DATA_ROOT", "NANOCHAT_WORDS_FILE"):  # the word list: the tasks dir's sibling
+        monkeypatch.delenv(var, raising=False)
+    sizes = {"ARC-Easy": 2376, "ARC-Challenge": 1172, "MMLU": 14042, "GSM8K": 1319, "HumanEval": 164, "SpellingBee": 256}
+    for name in CHAT_TASKS:
+        task = load_chat_task(name, os.path.join(SHARED_DATA, "tasks"))
+        assert len(task) == sizes[name], name
+        assert task.eval_type == ("categorical" if name in ("ARC-Easy", "ARC-Challenge", "MMLU") else "generative"), name
