@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanochat.common import NanochatError
+
 
 class KVCache:
     """
@@ -227,12 +229,20 @@ class DecodeBatch:
         Prefill requests (list of GenerationRequest) in one left-padded forward and append their
         num_samples rows each. keys: one per request, reported in TokenEvent.key (default: the
         request's index in this call). Raises ValueError on an empty prompt or a bad num_samples /
-        max_tokens.
+        max_tokens, and NanochatError when a prompt and its max_tokens do not fit the model's RoPE
+        table (model.rotary_seq_len positions), which would otherwise fail part-way through the reply.
+        Prompts longer than config.sequence_len but within the table are the caller's to refuse.
         """
         keys = list(range(len(requests))) if keys is None else list(keys)
+        limit = getattr(self.model, "rotary_seq_len", None)  # a stand-in model without RoPE has none
         for r in requests:
             if not r.tokens or r.num_samples < 1 or r.max_tokens < 1:
                 raise ValueError(f"bad request: {len(r.tokens)} prompt tokens, num_samples={r.num_samples}, max_tokens={r.max_tokens}")
+            # the prompt and every sampled token but the last go through the model, one position each
+            need = len(r.tokens) + r.max_tokens - 1
+            if limit is not None and need > limit:
+                raise NanochatError(f"a prompt of {len(r.tokens)} tokens with max_tokens={r.max_tokens} needs {need} positions, "
+                                    f"more than the model's context of {limit}")
         lens = [len(r.tokens) for r in requests]
         L = max(lens)
         idx = torch.tensor([[self.tokenizer.bos_token_id] * (L - len(r.tokens)) + list(r.tokens) for r in requests], dtype=torch.long, device=self.device)

@@ -10,6 +10,7 @@ Special tokens come after the mergeable ranks, in the order of SPECIAL_TOKENS.
 """
 
 import base64
+import hashlib
 import json
 import os
 
@@ -108,6 +109,19 @@ class Tokenizer:
         if sorted(special_tokens.values()) != list(range(len(ranks), len(ranks) + len(special_tokens))) or set(SPECIAL_TOKENS) - set(special_tokens):
             raise NanochatError(f"corrupt tokenizer meta {meta_path}: special tokens do not follow the ranks")
         return cls(ranks, pattern, special_tokens)
+
+    def fingerprint(self):
+        """
+        A stable id of this tokenizer, for checkpoints to record and check on load: the first 16 hex
+        digits (str) of the sha256 of the mergeable ranks (each token's bytes and rank, in rank
+        order), the special tokens (name and id) and the split pattern, serialised as compact JSON.
+        The same for a tokenizer and its saved-and-loaded copy on any machine; different when any
+        merge, rank, special token or the pattern differs. Changing this recipe would orphan the
+        fingerprints already stored in checkpoints, so tests pin its value.
+        """
+        ranks = sorted([rank, base64.b64encode(tok).decode()] for tok, rank in self.mergeable_ranks.items())
+        content = {"ranks": ranks, "special_tokens": sorted(self.special_tokens.items()), "pattern": self.pattern}
+        return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------------------------------
     # encoding

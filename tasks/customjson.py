@@ -1,18 +1,62 @@
 """
 Conversations from a user's jsonl file: one {"messages": [...]} object (or a bare list of messages)
-per line, in the format of tasks/common.py. Every line is validated at load time, so a bad file
-fails at start-up with file:line and what is wrong, not hours into training.
+per line, in the format of tasks/common.py. Every line is validated at load time (UTF-8, JSON, the
+conversation format: parse_conversation, also used by tasks/smoltalk.py), so a bad file fails at
+start-up with file:line and what is wrong, not hours into training.
 
 Identity is the same with a default file, tasks/data/identity.jsonl: short conversations that
 teach the model its name and what it is.
 """
 
+import json
 import os
+import re
 
 from nanochat.common import NanochatError
-from tasks.common import Task, read_jsonl, validate_conversation
+from tasks.common import Task, validate_conversation
 
 DEFAULT_IDENTITY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity.jsonl")
+
+
+# a JSON escape of a UTF-16 surrogate: valid pairs decode to one character, a lone one to a str that
+# is not UTF-8 (tiktoken would silently replace it); only lines with one get the slower full check
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def read_lines(path):
+    """[(line_number, line bytes)] of the file's non-blank lines. Raises NanochatError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise NanochatError(f"cannot read chat file {path}: {e.strerror}") from None
+
+
+def parse_conversation(line, where):
+    """
+    One jsonl line (bytes) -> the conversation it holds, validated (tasks.common.validate_conversation).
+    A UTF-8 byte order mark at the start is allowed. Raises NanochatError("<where>: <what is wrong>")
+    for bytes that are not UTF-8, invalid JSON, a lone surrogate escape or a malformed conversation.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanochatError(f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1})") from None
+    try:
+        obj = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise NanochatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    conversation = validate_conversation(obj, where)
+    if _SURROGATE_ESCAPE.search(line):
+        for i, message in enumerate(conversation["messages"]):
+            content = message["content"]
+            for text in [content] if isinstance(content, str) else [part["text"] for part in content]:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise NanochatError(f"{where}: message {i} has a lone surrogate \\u{ord(text[e.start]):04x}, "
+                                        "not valid UTF-8 text") from None
+    return conversation
 
 
 class CustomJSON(Task):
@@ -23,7 +67,7 @@ class CustomJSON(Task):
         if not os.path.isfile(path):
             raise NanochatError(f"{type(self).__name__}: no such file {path}")
         self.path = path
-        self.conversations = [validate_conversation(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+        self.conversations = [parse_conversation(line, f"{path}:{n}") for n, line in read_lines(path)]
         if not self.conversations:
             raise NanochatError(f"{path}: no conversations in the file")
 

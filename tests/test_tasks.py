@@ -251,10 +251,9 @@ def test_smoltalk_reports_a_bad_line_with_file_and_line(tmp_path, monkeypatch):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{oops\n")
     monkeypatch.setenv("NANOCHAT_CHAT_DIR", str(tmp_path))
-    task = SmolTalk("train")
-    assert task[0] == good
     with pytest.raises(NanochatError, match=rf"{re.escape(str(path))}:3: invalid JSON"):
-        task[1]
+        SmolTalk("train")  # when the task is made, not when the line is reached
+    assert SmolTalk("test")[0] == good  # the held-out split (line 1) does not hold the bad line
 
 
 BAD_CONVERSATIONS = [
