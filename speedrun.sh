@@ -30,7 +30,7 @@ TOK_ARGS=${TOK_ARGS:-"--max-chars 2000000000 --vocab-size 65536"}
 BASE_ARGS=${BASE_ARGS:-"--depth $DEPTH --device-batch-size auto $WANDB_ARGS"}
 BASE_EVAL_ARGS=${BASE_EVAL_ARGS:-""}
 MID_ARGS=${MID_ARGS:-"$WANDB_ARGS"}
-SFT_ARGS=${SFT_ARGS:-"$WANDB_ARGS"}
+SFT_ARGS=${SFT_ARGS:-"--device-batch-size 4 --total-batch-size 65536 $WANDB_ARGS"}  # 32 conversations of <= 2048 tokens per step
 RL_ARGS=${RL_ARGS:-"$WANDB_ARGS"}
 CHAT_EVAL_ARGS=${CHAT_EVAL_ARGS:-""}
 
@@ -86,12 +86,12 @@ if want mid; then
 fi
 
 if want sft; then
-    run_stage chat_sft launch scripts.chat_sft $SFT_ARGS
+    run_stage chat_sft launch scripts.chat_sft $SFT_ARGS --resume-if-exists
     run_stage chat_eval_sft launch scripts.chat_eval --source sft $CHAT_EVAL_ARGS
 fi
 
 if want rl && [ "$SKIP_RL" != 1 ]; then
-    run_stage chat_rl launch scripts.chat_rl $RL_ARGS
+    run_stage chat_rl launch scripts.chat_rl $RL_ARGS --resume-if-exists
     run_stage chat_eval_rl launch scripts.chat_eval --source rl $CHAT_EVAL_ARGS
 fi
 

@@ -28,6 +28,7 @@ load_state_dict() refuses a state made for different data or settings.
 
 import hashlib
 
+import numpy as np
 import torch
 
 from nanochat.common import NanochatError
@@ -181,3 +182,15 @@ class ConversationLoader:
             raise StopIteration
         x, y = rows_to_batch(rows)
         return x.to(self.device), y.to(self.device)
+
+
+def holdout_split(n, n_val, seed, world_size=1):
+    """
+    A seeded shuffle of range(n) split into (val indices, train indices): the first n_val held
+    out. Raises NanochatError when too few are left for world_size ranks.
+    """
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) < world_size or 0 < len(val_idx) < world_size:
+        raise NanochatError(f"{n} conversations with --val-conversations {n_val} leave too few for {world_size} ranks")
+    return val_idx, train_idx

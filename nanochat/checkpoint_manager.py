@@ -71,34 +71,44 @@ def _save_tensor_file(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None):
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None, run_id=None):
     """
     Save a checkpoint; every rank calls this (rank r writes its optimizer shard, rank 0 the model and
-    meta). keep_last: keep only the newest K complete checkpoints (None keeps all).
+    meta). keep_last: keep only the newest K complete checkpoints of run_id (meta["run_id"] of
+    each; None keeps all); another run's checkpoints are never deleted. A failed write (disk full,
+    read-only) removes its temp directory and raises NanochatError.
     """
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        if optimizer_state is not None:
+            _save_tensor_file(optimizer_state, os.path.join(tmp, f"optim_rank{rank}.pt"))
+        _barrier()
+        if rank == 0:
+            _save_tensor_file(model_state, os.path.join(tmp, "model.pt"))
+            atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str).encode())
+            if os.path.isdir(final):  # re-saving the same step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    if optimizer_state is not None:
-        _save_tensor_file(optimizer_state, os.path.join(tmp, f"optim_rank{rank}.pt"))
-    _barrier()
-    if rank == 0:
-        _save_tensor_file(model_state, os.path.join(tmp, "model.pt"))
-        atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str).encode())
-        if os.path.isdir(final):  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last:
-            for old in list_steps(ckpt_dir)[:-keep_last]:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise NanochatError(f"could not save checkpoint {final}: {reason}") from None
+    if rank == 0 and keep_last:
+        mine = [s for s in list_steps(ckpt_dir) if run_id is None or load_meta(ckpt_dir, s).get("run_id") == run_id]
+        for old in mine[:-keep_last]:
+            if old != step:
                 shutil.rmtree(os.path.join(ckpt_dir, f"step_{old:06d}"), ignore_errors=True)
     _barrier()
     return final
 
 
-def _load_tensor_file(path, device):
+def load_tensor_file(path, device):
+    """torch.load(path) with weights_only=True; NanochatError on a missing or corrupt file."""
     if not os.path.isfile(path):
         raise NanochatError(f"checkpoint file missing: {path}")
     try:
@@ -107,20 +117,25 @@ def _load_tensor_file(path, device):
         raise NanochatError(f"corrupt or truncated checkpoint file {path}: {type(e).__name__}") from None
 
 
+def load_meta(ckpt_dir, step):
+    """The meta.json of a checkpoint as a dict. Raises NanochatError when missing or corrupt."""
+    meta_path = os.path.join(ckpt_dir, f"step_{step:06d}", "meta.json")
+    if not os.path.isfile(meta_path):
+        raise NanochatError(f"checkpoint not found: {os.path.dirname(meta_path)}")
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except ValueError:
+        raise NanochatError(f"corrupt checkpoint meta {meta_path}") from None
+
+
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
     """Returns (model_state, optimizer_state or None, meta). Raises NanochatError on a missing or
     corrupt file."""
+    meta = load_meta(ckpt_dir, step)
     path = os.path.join(ckpt_dir, f"step_{step:06d}")
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise NanochatError(f"checkpoint not found: {path}")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except ValueError:
-        raise NanochatError(f"corrupt checkpoint meta {meta_path}") from None
-    model_state = _load_tensor_file(os.path.join(path, "model.pt"), device)
-    optimizer_state = _load_tensor_file(os.path.join(path, f"optim_rank{rank}.pt"), device) if load_optimizer else None
+    model_state = load_tensor_file(os.path.join(path, "model.pt"), device)
+    optimizer_state = load_tensor_file(os.path.join(path, f"optim_rank{rank}.pt"), device) if load_optimizer else None
     return model_state, optimizer_state, meta
 
 
@@ -145,7 +160,8 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     """
     Load the model of a stage (base, mid, sft, rl) for inference: the newest model_tag and step
     unless given. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
-    nothing to load or the tokenizer does not match the model.
+    nothing to load or the tokenizer is not the one the model was trained with
+    (vocab size, and the fingerprint pinned in the meta).
     """
     from nanochat.tokenizer import get_tokenizer
 
@@ -159,4 +175,6 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     tokenizer = get_tokenizer(os.path.join(base_dir, "tokenizer") if base_dir else None)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise NanochatError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.config.vocab_size} ({ckpt_dir})")
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):  # checkpoints before the pin have none
+        raise NanochatError(f"the tokenizer (fingerprint {tokenizer.fingerprint()}) is not the one {ckpt_dir} was trained with ({meta['tokenizer']})")
     return model, tokenizer, meta

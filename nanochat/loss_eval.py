@@ -74,3 +74,19 @@ class UnigramBaseline:
         t = torch.tensor([total_nats, float(total_bytes)], dtype=torch.float64, device=counts.device)
         _all_reduce_sum(t)
         return t[0].item() / (math.log(2) * t[1].item())
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device):
+    """
+    Mean cross-entropy in nats per trained token (targets >= 0) over every batch of `batches` (an
+    iterable of (x, y) int64 [B, T]), summed over all ranks when distributed. Returns a float
+    (nan when there is no trained token).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in batches:
+        total += model(x, y, loss_reduction="sum").double()
+        count += (y >= 0).sum()
+    _all_reduce_sum(total, count)
+    return (total / count).item() if count.item() else float("nan")

@@ -1,20 +1,33 @@
 """
-Bookkeeping shared by the training scripts (base_train, mid_train, chat_sft, chat_rl): device peak
-FLOPs for MFU, the auto device-batch-size search, the metrics log, graceful stop on signals, RNG
-state capture, and the NaN guard. The loops themselves stay in the scripts, flat and readable.
+What the training stages (base_train, mid_train, chat_sft, chat_rl) share, written once: the flags
+(add_run_args), the run state (RunState: resume, save, stop, the step log, inherited settings),
+train_step, device peak FLOPs for MFU, the auto device-batch-size search, the metrics log and RNG
+state capture. Each script keeps its own flat loop and supplies only its data, loss and eval
+(docs/new_stage.md shows a complete stage).
 """
 
+import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import sys
 import time
+import uuid
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from nanochat.common import NanochatError
+from nanochat import report
+from nanochat.checkpoint_manager import build_model, checkpoint_dir, find_latest_model_tag, list_steps, load_checkpoint, load_meta, load_model, load_tensor_file, save_checkpoint
+from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.optim import apply_schedules
+from nanochat.scaling import EMBEDDING_LR, MATRIX_LR, SCALAR_LR, UNEMBEDDING_LR
+from nanochat.tokenizer import get_tokenizer
 
 # Dense (no sparsity) peak throughput in FLOP/s from the vendors' datasheets, for MFU.
 PEAK_FLOPS = {
@@ -67,25 +80,17 @@ def find_device_batch_size(try_batch, start, min_size=1):
 
 class MetricsLogger:
     """
-    One JSON object per line in <run_dir>/metrics.jsonl (always), mirrored to wandb when a run
-    name is given. Rank 0 only. On resume, lines from steps after the resume step are dropped so
-    the file reads as one uninterrupted run.
+    One JSON object per line appended to <run_dir>/metrics.jsonl (always), mirrored to wandb when
+    a run name is given. Rank 0 only. RunState.track_log starts it empty or cuts it back on resume.
     """
 
-    def __init__(self, run_dir, config, run=None, project="nanochat", rank=0, resume_step=None):
+    def __init__(self, run_dir, config, run=None, project="nanochat", rank=0):
         self.rank = rank
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
         if rank != 0:
             return
         os.makedirs(run_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)
         if run:
             try:
                 import wandb
@@ -106,20 +111,24 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-class StopSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks at step boundaries (to save, then exit)."""
+def count_lines(path):
+    """Lines in a text file (0 if it does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
 
-    def _handler(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+def truncate_lines(path, n):
+    """Keep the first n lines of an append-only log (atomically); n = 0 removes the file."""
+    if not os.path.exists(path):
+        return
+    if n == 0:
+        os.remove(path)
+        return
+    with open(path, "rb") as f:
+        keep = [line for _, line in zip(range(n), f)]
+    atomic_write_bytes(path, b"".join(keep))
 
 
 def get_rng_state():
@@ -144,53 +153,436 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def check_finite(loss_value, step, ckpt_hint):
-    """NaN/inf guard: raise a NanochatError naming the step and where the last good checkpoint is."""
-    if not math.isfinite(loss_value):
-        raise NanochatError(f"loss is {loss_value} at step {step}; stopping. The last good checkpoint is kept in {ckpt_hint}")
+def format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
 
 
-class StepTimer:
-    """Wall time per step with CUDA synchronisation, and an ETA."""
+def train_step(model, optimizer, batches, normalize="rows"):
+    """
+    One optimizer step: forward and backward over the micro-batches `batches` (a list of
+    (inputs, targets), int64 [B, T]; targets -1 are not trained), then optimizer.step(), which
+    averages gradients over ranks. normalize:
+      "rows":   every micro-batch's mean loss weighs the same (pretraining: every row has T targets);
+      "tokens": the sum over trained tokens divided by their count over all micro-batches and ranks
+                (chat data: rows hold very different numbers of assistant tokens, and a mean of
+                per-row means would overweight short replies).
+    Returns (loss, grad_norm): the step's loss averaged as above over every rank (0-D fp32 tensor
+    on the device: reading it synchronises) and the optimizer's gradient norm.
+    """
+    ddp = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if ddp else 1
+    if normalize == "tokens":
+        n_targets = sum((y >= 0).sum() for _, y in batches)
+        if ddp:
+            dist.all_reduce(n_targets)
+        n_targets = n_targets.clamp(min=1)
+    elif normalize != "rows":
+        raise ValueError(f"normalize must be 'rows' or 'tokens', got {normalize!r}")
+    total = None
+    for x, y in batches:
+        if normalize == "rows":
+            loss = model(x, y)
+            (loss / len(batches)).backward()
+        else:
+            loss = model(x, y, loss_reduction="sum") / n_targets
+            (loss * world_size).backward()  # the optimizer averages over ranks; the normaliser is global
+        total = loss.detach() if total is None else total + loss.detach()
+    grad_norm = optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if normalize == "rows":
+        total = total / len(batches)
+    if ddp:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG if normalize == "rows" else dist.ReduceOp.SUM)
+    return total, grad_norm
 
-    def __init__(self, device):
-        self.device = device
-        self.t = None
+
+# ------------------------------------------------------------------------------------------------
+# The flags every training stage shares: one name and one meaning in base, mid, SFT and RL.
+
+INHERITED = ("dtype", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "max_seq_len", "device_batch_size", "total_batch_size")
+BASE_LRS = {"matrix_lr": MATRIX_LR, "embedding_lr": EMBEDDING_LR, "unembedding_lr": UNEMBEDDING_LR, "scalar_lr": SCALAR_LR}
+
+
+def add_run_args(p, parent, token_batches=True, **defaults):
+    """
+    Add the shared flags to the argparse parser p, in help groups. parent: the stage a run starts
+    from (None for base). token_batches: the stage trains on rows of max_seq_len tokens (adds
+    --max-seq-len and --total-batch-size). defaults: per-stage defaults by dest (e.g. eval_every=250).
+    A value left None is inherited from the parent checkpoint (INHERITED) or derived by the stage.
+    """
+    inherit = f"default: the {parent} checkpoint's" if parent else "default"
+    g = p.add_argument_group("run")
+    g.add_argument("--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
+    g.add_argument("--dtype", type=str, default=None, choices=["auto", "bfloat16", "float32"], help=f"compute dtype of activations ({inherit}; auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA, 0 elsewhere)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the initialisation, data order and samples")
+    g.add_argument("--run", type=str, default=None, help="wandb run name (no wandb logging when not given)")
+    g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name" + (f" of the {parent} source and of the output (default: the latest {parent})" if parent else ""))
+    if parent:
+        g.add_argument("--step", type=int, default=None, help=f"step of the {parent} checkpoint to start from (default: its last)")
+    g = p.add_argument_group("horizon and batch")
+    g.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: derived; with --resume, a new horizon)")
+    g.add_argument("--device-batch-size", type=str, default=None, help=f"rows per micro-batch per device ({inherit}; base: 32, or 'auto': the largest that fits)")
+    if token_batches:
+        g.add_argument("--max-seq-len", type=int, default=None, help=f"tokens per row ({inherit})")
+        g.add_argument("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step, all ranks: rows x max_seq_len ({inherit}; base: derived)")
+    g = p.add_argument_group("optimizer (LRs of AdamW at n_embd 768, scaled as n_embd^-0.5)")
+    for name, value in BASE_LRS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"base learning rate ({inherit}; base: {value})")
+    if parent:
+        g.add_argument("--init-lr-frac", type=float, default=1.0, help="peak LRs of this stage as a fraction of the base learning rates")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the Muon matrices")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR warmdown at the end")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end of warmdown, as a fraction of the peak")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: no clipping)")
+    g = p.add_argument_group("evaluation and checkpoints (-1 disables a periodic action)")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (-1: only at the end)")
+    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints of this run kept (older ones are deleted)")
+    g.add_argument("--resume", action="store_true", help="continue this model tag's run from its latest checkpoint")
+    g.add_argument("--resume-if-exists", action="store_true", help="--resume when this stage has a checkpoint, else start fresh (recipes re-run after a failure)")
+    g.add_argument("--overwrite", action="store_true", help="start fresh and delete the run already in this model tag")
+    g.add_argument("--stop-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook: act as if SIGTERM arrived
+    g.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook: a NaN loss at this step
+    p.set_defaults(**defaults)
+
+
+def parse_run_args(p, argv=None):
+    """p.parse_args(argv), then the range checks of the shared flags: NanochatError naming the flag."""
+    args = p.parse_args(argv)
+    if args.device_batch_size not in (None, "auto"):
+        try:
+            args.device_batch_size = int(args.device_batch_size)
+        except ValueError:
+            raise NanochatError(f"--device-batch-size must be an integer or 'auto', got {args.device_batch_size!r}") from None
+    ok = lambda name, test: getattr(args, name, None) is None or test(getattr(args, name))  # noqa: E731
+    checks = [(n, lambda v: v >= 1) for n in ("num_iterations", "max_seq_len", "total_batch_size")]
+    checks += [("device_batch_size", lambda v: v == "auto" or v >= 1), ("step", lambda v: v >= 0), ("keep_last", lambda v: v >= 1)]
+    checks += [(n, lambda v: v >= 0 and math.isfinite(v)) for n in (*BASE_LRS, "weight_decay", "grad_clip")]
+    checks += [(n, lambda v: 0 <= v <= 1) for n in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")]
+    checks += [("init_lr_frac", lambda v: 0 < v < math.inf)] + [(n, lambda v: v == -1 or v >= 1) for n in ("eval_every", "save_every")]
+    for name, test in checks:
+        if not ok(name, test):
+            raise NanochatError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if args.warmup_ratio + args.warmdown_ratio > 1:
+        raise NanochatError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} is above 1")
+    if args.resume and args.overwrite:
+        raise NanochatError("--resume and --overwrite contradict each other: give one")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# The run state: what every training stage shares (shaped like torchtitan's CheckpointManager).
+
+REPORT_NAMES = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
+
+
+class _Interrupt(BaseException):
+    """Raised by the signal handler inside an interruptible section (an evaluation, sampling)."""
+
+
+class RunState:
+    """
+    The skeleton of a training stage, owned once: compute init, the checkpoint directory and its
+    rules, resume, inherited settings, the LR schedule, the step log, stop on a signal, save.
+
+        run = RunState("mid", args, parent="base")        # compute_init, tokenizer, resume or refuse
+        model = run.load_model()                           # own checkpoint when resuming, else the parent's
+        ...                                                # the stage's data, optimizer
+        run.start(model, optimizer, loader)                # load optimizer / loader / RNG state on resume
+        for step in run.steps(num_iterations):             # LR schedule set; save every --save-every
+            if run.due(args.eval_every): with run.evaluating(): ...
+            loss, grad_norm = run.train_step(batches)
+            run.log_step(loss, tokens)
+        with run.evaluating(): ...                         # final evaluation
+        run.finish(metric=...)                             # final checkpoint, report card, clean-up
+
+    Rules: a fresh run refuses a model tag that holds another run's checkpoints unless --overwrite
+    (or --resume); keep-last pruning deletes only this run's steps; SIGTERM / SIGINT (or
+    --stop-at-step) save the current step and exit 143 / 130, within seconds: at the end of the
+    step being trained, at once during an evaluation or sampling (one process; under DDP at the next
+    step boundary, where the ranks agree); a NaN/inf loss stops with exit 1 and keeps the last good
+    checkpoint; every checkpoint pins the tokenizer (its fingerprint, checked on load and resume);
+    append-only logs (metrics.jsonl, track_log files) are cut back to their length at the
+    checkpoint on resume. Checkpoint meta: stage, model_tag, step, run_id, parent, tokenizer,
+    model_config, args, resolved (every setting as used, inherited by the next stage), loop_state,
+    rng_state and dataloader_state (per rank).
+    """
+
+    def __init__(self, stage, args, parent=None, model_tag=None):
+        self.stage, self.args, self.parent = stage, args, parent
+        self.ddp, self.rank, _, self.world_size, self.device = compute_init(args.device_type, seed=args.seed)
+        print0(json.dumps(vars(args)))
+        self.tokenizer = get_tokenizer()
+        self.tokenizer_fp = self.tokenizer.fingerprint()
+        self.model_tag = args.model_tag or model_tag or find_latest_model_tag(stage if args.resume else parent)
+        self.ckpt_dir = checkpoint_dir(stage, self.model_tag)
+        steps = list_steps(self.ckpt_dir)
+        self.resuming = args.resume or (args.resume_if_exists and bool(steps))
+        if args.resume and not steps:
+            raise NanochatError(f"--resume: no {stage} checkpoint in {self.ckpt_dir}")
+        if steps and not self.resuming and not args.overwrite:
+            raise NanochatError(f"{self.ckpt_dir} holds a {stage} run (steps {steps[0]}..{steps[-1]}); continue it with --resume or replace it with --overwrite")
+        if self.rank == 0:
+            if steps and args.overwrite:
+                shutil.rmtree(self.ckpt_dir)
+            try:  # fail now, not at the first save hours in
+                os.makedirs(self.ckpt_dir, exist_ok=True)
+                atomic_write_bytes(os.path.join(self.ckpt_dir, ".write_test"), b"")
+                os.remove(os.path.join(self.ckpt_dir, ".write_test"))
+            except OSError as e:
+                raise NanochatError(f"cannot write checkpoints to {self.ckpt_dir}: {e.strerror}") from None
+        self.meta = load_meta(self.ckpt_dir, steps[-1]) if self.resuming else {}
+        if self.resuming:
+            self._check_tokenizer(self.meta, self.ckpt_dir)
+        self.start_step = self.step = self.meta.get("step", 0)
+        self.run_id = self.meta.get("run_id") or uuid.uuid4().hex[:12]
+        self.loop = dict(self.meta.get("loop_state", {}))
+        self.parent_info = self.meta.get("parent")
+        self.resolved, self._inherit = {}, dict(self.meta.get("resolved", {}))
+        self.model = self.optimizer = self.loader = self.train_model = None
+        self.total_time, self.lrm, self._saved_step, self._logs = self.loop.get("total_time", 0.0), 1.0, None, {}
+        self.stop_reason, self._exit_code, self._interruptible = None, 0, False
+        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    # ---------------------------------------------------------------------------------- set-up
+
+    def _check_tokenizer(self, meta, where):
+        pinned, ours = meta.get("tokenizer"), self.tokenizer_fp
+        if pinned is not None and pinned != ours:
+            raise NanochatError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {ours}) is not the one {where} was trained with ({pinned})")
+
+    def load_model(self):
+        """The model to train (fp32 weights, train mode): this run's latest checkpoint when
+        resuming, else the parent stage's checkpoint of this model tag (--step, default its last)."""
+        if self.resuming:
+            model_state, _, _ = load_checkpoint(self.ckpt_dir, self.start_step, self.device)
+            model = build_model(model_state, self.meta, self.device)
+        else:
+            model, _, meta = load_model(self.parent, self.device, model_tag=self.model_tag, step=self.args.step)
+            self._inherit = {k: v for k, v in (meta.get("resolved") or meta.get("hparams", {})).items() if k in INHERITED}
+            self.parent_info = {"stage": self.parent, "model_tag": self.model_tag, "step": meta["step"]}
+            print0(f"{self.stage}: starting from the {self.parent} model {self.model_tag} (step {meta['step']})")
+        return model.train()
+
+    def resolve(self, name, default=None):
+        """A setting: its flag if given, else the resumed run's or (INHERITED only) the parent
+        checkpoint's value, else default. Recorded in the checkpoint meta's "resolved"."""
+        value = getattr(self.args, name, None)
+        self.resolved[name] = self._inherit.get(name, default) if value is None else value
+        return self.resolved[name]
+
+    def compute_dtype(self):
+        """The resolved --dtype as a torch dtype (auto: bf16 on CUDA, fp32 elsewhere)."""
+        dtype = self.resolve("dtype", "auto")
+        if dtype == "auto":
+            self.resolved["dtype"] = dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        return getattr(torch, dtype)
+
+    def learning_rates(self, init_lr_frac=1.0):
+        """build_optimizer's LR arguments: the resolved base learning rates times init_lr_frac."""
+        return {name: init_lr_frac * self.resolve(name, value) for name, value in BASE_LRS.items()}
+
+    def track_log(self, path):
+        """An append-only file of this run (rank 0): removed on a fresh start, cut back on resume."""
+        self._logs[path] = os.path.basename(path)
+        if self.rank == 0:
+            truncate_lines(path, self.loop.get("log_lines", {}).get(self._logs[path], 0) if self.resuming else 0)
+        return path
+
+    def start(self, model, optimizer, loader=None):
+        """Attach the stateful objects; on resume load their state (base: the weights too)."""
+        self.model, self.optimizer, self.loader = model, optimizer, loader
+        self.compile(model)
+        self.flops_per_token = model.estimate_flops()
+        self.peak_flops = get_peak_flops(self.device)
+        if self.resuming:
+            path = os.path.join(self.ckpt_dir, f"step_{self.start_step:06d}")
+            if self.parent is None:
+                if self.meta["model_config"] != model.config.to_dict():
+                    raise NanochatError(f"--resume: the checkpoint in {self.ckpt_dir} has another model config; give the same model flags")
+                model.load_state_dict(load_tensor_file(os.path.join(path, "model.pt"), self.device))
+            optimizer.load_state_dict(load_tensor_file(os.path.join(path, f"optim_rank{self.rank}.pt"), self.device))
+            if len(self.meta["rng_state"]) != self.world_size:
+                raise NanochatError(f"--resume: {path} was written by {len(self.meta['rng_state'])} ranks, this run has {self.world_size}")
+            if loader is not None:
+                loader.load_state_dict(self.meta["dataloader_state"][self.rank])
+            set_rng_state(self.meta["rng_state"][self.rank])
+            print0(f"resumed from {path} at step {self.start_step}")
+        self.logger = MetricsLogger(os.path.join(self.ckpt_dir, "run"), vars(self.args) | self.resolved, self.args.run, rank=self.rank)
+        self.track_log(self.logger.path)
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def steps(self, num_iterations):
+        """
+        Yields the steps to train, start_step .. num_iterations - 1, with the LR schedule (and
+        Muon momentum) set for each. After each step: a requested stop saves and exits; every
+        --save-every steps a checkpoint.
+        """
+        a = self.args
+        self.num_iterations = self.resolved["num_iterations"] = num_iterations
+        if self.start_step > num_iterations:
+            raise NanochatError(f"--num-iterations {num_iterations} is before the resumed step {self.start_step}")
+        while self.step < num_iterations:
+            self.lrm, _ = apply_schedules(self.optimizer, self.step, num_iterations=num_iterations, warmup_ratio=a.warmup_ratio, warmdown_ratio=a.warmdown_ratio, final_lr_frac=a.final_lr_frac)
+            self._sync()
+            self._t0, self._eval_time = time.perf_counter(), 0.0
+            yield self.step
+            self.step += 1
+            if self.step == a.stop_at_step and self.stop_reason is None:
+                self.stop_reason, self._exit_code = "--stop-at-step", 128 + signal.SIGTERM
+            if self.ddp:  # every rank stops at the same step, whichever got the signal
+                code = torch.tensor(self._exit_code, device=self.device)
+                dist.all_reduce(code, op=dist.ReduceOp.MAX)
+                if code.item() and self.stop_reason is None:
+                    self.stop_reason, self._exit_code = "a signal on another rank", code.item()
+            if self.stop_reason is not None:
+                self._save_and_exit()
+            if self.step < num_iterations and self.due(a.save_every):
+                self.save()
+
+    def due(self, every, at_start=False):
+        """True if a periodic action with period `every` (-1: never) is due at the current step;
+        at step 0 only when at_start (an evaluation before training, whatever the period)."""
+        if self.step == 0:
+            return at_start
+        return every > 0 and self.step % every == 0
+
+    def train_step(self, batches, normalize="rows"):
+        """train_step() with this run's model and optimizer; see there."""
+        return train_step(self.train_model, self.optimizer, batches, normalize)
+
+    def compile(self, model):
+        """The model the training steps run: torch.compile'd per --compile (default: on CUDA)."""
+        if self.train_model is None:
+            use_compile = self.args.compile if self.args.compile is not None else self.device.type == "cuda"
+            self.train_model = torch.compile(model, dynamic=False) if use_compile else model
+        return self.train_model
+
+    def log_step(self, loss, tokens, flops=None, show=(), **metrics):
+        """
+        After a step: stop on a NaN/inf loss, then one step-log line (loss, lr, `show` metrics,
+        time, tokens/s, MFU, ETA) and one metrics row. tokens: tokens processed by the step (all
+        ranks), for tokens/s and MFU; flops: the step's FLOPs when not flops_per_token * tokens.
+        """
+        loss = float("nan") if self.step == self.args.nan_at_step else float(loss)
+        if not math.isfinite(loss):
+            raise NanochatError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint is kept in {self.ckpt_dir}")
+        self._sync()
+        dt = time.perf_counter() - self._t0 - self._eval_time
+        step, timed = self.step + 1, self.step - self.start_step
+        if timed > 0:  # the first step of a process includes compilation and warm-up
+            self.total_time += dt
+        smooth = self.loop["smooth_loss"] = 0.9 * self.loop.get("smooth_loss", 0.0) + 0.1 * loss
+        mfu = (flops or self.flops_per_token * tokens) / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
+        eta = (self.num_iterations - step) * (self.total_time / timed if timed else dt)
+        extra = "".join(f"{k} {metrics[k]:.4g} | " for k in show)
+        print0(
+            f"step {step:05d}/{self.num_iterations} | loss {smooth / (1 - 0.9**step):.4f} | lr x{self.lrm:.3f} | {extra}{dt * 1000:.0f} ms | "
+            f"{tokens / dt:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | eta {format_eta(eta)}"
+        )
+        self.log({"step": step, "loss": loss, "lr_mult": self.lrm, "dt": dt, "tok_per_s": tokens / dt, "mfu": mfu, "time": self.total_time} | metrics)
+
+    def log(self, row):
+        self.logger.log(row)
 
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def start(self):
-        self._sync()
-        self.t = time.perf_counter()
+    # ---------------------------------------------------------------------------------- evaluation, stop
 
-    def stop(self):
-        self._sync()
-        return time.perf_counter() - self.t
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A section a stop signal may cut short (one process): it saves the current step and
+        exits. The RNG streams are forked, so the section does not change the training run's."""
+        if self.stop_reason is not None:
+            self._save_and_exit()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self._interruptible = not self.ddp
+            try:
+                yield
+            except _Interrupt:
+                self._interruptible = False
+                self._save_and_exit()
+            finally:
+                self._interruptible = False
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """An evaluation: eval mode, interruptible, its time left out of the step's."""
+        t0 = time.perf_counter()
+        self.model.eval()
+        try:
+            with self.interruptible():
+                yield
+        finally:
+            self.model.train()
+            self._eval_time += time.perf_counter() - t0
 
-def train_step(model, optimizer, batches, grad_accum_steps):
-    """
-    One optimizer step: forward and backward over grad_accum_steps micro-batches taken from
-    `batches` (an iterator of (inputs, targets) int64 [B, T]), then optimizer.step(), which averages
-    gradients over ranks. Returns (loss, grad_norm): the mean loss over the micro-batches and ranks
-    (0-D fp32 tensor, still on the device: reading it synchronises) and the optimizer's grad norm.
-    """
-    loss_sum = None
-    for _ in range(grad_accum_steps):
-        x, y = next(batches)
-        loss = model(x, y)
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        (loss / grad_accum_steps).backward()
-    grad_norm = optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    mean_loss = loss_sum / grad_accum_steps
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
-    return mean_loss, grad_norm
+    def _on_signal(self, signum, frame):
+        if self.stop_reason is not None:  # a second signal: give up at once, without saving
+            raise KeyboardInterrupt
+        self.stop_reason, self._exit_code = signal.Signals(signum).name, 128 + signum
+        print0(f"{self.stop_reason}: saving a checkpoint of step {self.step} before exiting")
+        if self._interruptible:
+            raise _Interrupt
 
+    def _save_and_exit(self):
+        path = self.save()
+        print0(f"{self.stop_reason}: checkpoint saved at step {self.step} ({path}); continue with --resume")
+        self.close()
+        sys.exit(self._exit_code)
 
-def format_eta(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+    # ---------------------------------------------------------------------------------- save, finish
+
+    def gather(self, obj):
+        """Every rank's obj as a list indexed by rank (rank 0 writes the meta)."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save(self):
+        """Checkpoint the current step (every rank calls this). Returns its directory."""
+        if self._saved_step == self.step:
+            return os.path.join(self.ckpt_dir, f"step_{self.step:06d}")
+        self.loop.update(total_time=self.total_time, log_lines={name: count_lines(path) for path, name in self._logs.items()})
+        meta = {
+            "stage": self.stage,
+            "model_tag": self.model_tag,
+            "step": self.step,
+            "run_id": self.run_id,
+            "parent": self.parent_info,
+            "tokenizer": self.tokenizer_fp,
+            "model_config": self.model.config.to_dict(),
+            "args": vars(self.args),
+            "resolved": self.resolved,
+            "loop_state": self.loop,
+            "rng_state": self.gather(get_rng_state()),
+        }
+        if self.loader is not None:
+            meta["dataloader_state"] = self.gather(self.loader.state_dict())
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id)
+        self._saved_step = self.step
+        print0(f"saved checkpoint {path}")
+        return path
+
+    def finish(self, **metrics):
+        """The end of a completed run: final checkpoint, final metrics row, report card, clean-up."""
+        self.save()
+        metrics["train_time_s"] = self.total_time
+        self.log({"step": self.step} | metrics)
+        report.log_stage(REPORT_NAMES[self.stage], args=vars(self.args), metrics=metrics, metrics_file=self.logger.path)
+        print0(f"training time {self.total_time:.1f}s")
+        self.close()
+
+    def close(self):
+        self.logger.finish()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        compute_cleanup()

@@ -27,8 +27,8 @@ export TOK_ARGS="--max-chars 50000000 --vocab-size 8192"
 export BASE_ARGS="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-iterations 200 --eval-every 100 --eval-tokens 262144 --save-every 100"
 export BASE_EVAL_ARGS="--max-per-task 20 --split-tokens 131072 --device-batch-size 16"
 export MID_ARGS="--max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 30 --val-conversations 64"
-export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --batch-size 16 --num-iterations 150 --val-conversations 64 --eval-every 50 --init-lr-frac 0.5"
-export RL_ARGS="--num-steps 6 --questions-per-step 4 --num-samples 4 --max-new-tokens 64 --device-batch-size 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --format-reward 0.1 --resume-if-exists"
+export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --total-batch-size 4096 --num-iterations 150 --val-conversations 64 --eval-every 50 --init-lr-frac 0.5"
+export RL_ARGS="--num-iterations 6 --questions-per-step 4 --num-samples 4 --max-new-tokens 64 --device-batch-size 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --format-reward 0.1"
 export CHAT_EVAL_ARGS="--max-problems 10 --max-new-tokens 48 --tasks ARC-Easy,MMLU,GSM8K,SpellingBee"
 
 bash speedrun.sh

@@ -76,13 +76,13 @@ def main():
             torch.cuda.synchronize()
 
     for _ in range(args.warmup_steps):
-        train_step(train_model, optimizer, batches, grad_accum_steps)
+        train_step(train_model, optimizer, [next(batches) for _ in range(grad_accum_steps)])
     sync()
     rates = []
     for w in range(args.windows):
         t0 = time.perf_counter()
         for _ in range(args.window_steps):
-            loss, _ = train_step(train_model, optimizer, batches, grad_accum_steps)
+            loss, _ = train_step(train_model, optimizer, [next(batches) for _ in range(grad_accum_steps)])
         loss.item()
         sync()
         dt = time.perf_counter() - t0

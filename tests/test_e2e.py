@@ -11,7 +11,7 @@ from scripts_util import SHARED_DATA, make_env, read_metrics, run_script, small_
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")), reason="needs ../shared/data")
 
-BASE_ARGS = ["--depth", 2, "--aspect-ratio", 64, "--max-seq-len", 64, "--device-batch-size", 16, "--total-batch-size", 2048, "--eval-tokens", 16384, "--num-samples", 1]
+BASE_ARGS = ["--depth", 2, "--aspect-ratio", 64, "--max-seq-len", 64, "--device-batch-size", 16, "--total-batch-size", 2048, "--eval-tokens", 16384, "--num-prompts", 1]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def pipeline(tmp_path_factory):
     out["base"] = run_script("scripts.base_train", *BASE_ARGS, "--num-iterations", 150, "--eval-every", 75, env=env)
     recipe = tmp / "sft.json"
     recipe.write_text('{"seed": 1, "tasks": [{"task": "CustomJSON", "args": {"path": "%s"}, "count": 400}]}' % os.path.join(SHARED_DATA, "chat", "self_instruct_human.jsonl"))
-    out["sft"] = run_script("scripts.chat_sft", "--recipe", recipe, "--max-seq-len", 128, "--device-batch-size", 8, "--batch-size", 16, "--num-iterations", 20, "--val-conversations", 32, "--eval-every", 10, "--init-lr-frac", 0.5, env=env)
+    out["sft"] = run_script("scripts.chat_sft", "--recipe", recipe, "--max-seq-len", 128, "--device-batch-size", 8, "--total-batch-size", 2048, "--num-iterations", 20, "--val-conversations", 32, "--eval-every", 10, "--init-lr-frac", 0.5, env=env)
     out["cli"] = run_script("scripts.chat_cli", "-p", "What is the capital of France?", "--max-tokens", 24, "--temperature", 0, env=env)
     return out
 

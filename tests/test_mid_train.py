@@ -205,8 +205,8 @@ def test_mid_train_resume_then_chat_eval(chat_env):
     # uninterrupted reference, under another tag (a copy of the base checkpoint)
     os.symlink(checkpoint_dir("base", "t", str(base)), checkpoint_dir("base", "ref", str(base)))
     run_script("scripts.mid_train", *MID_ARGS, "--recipe", recipe, "--model-tag", "ref", env=env)
-    stopped = run_script("scripts.mid_train", *MID_ARGS, "--recipe", recipe, "--model-tag", "t", "--stop-at-step", 2, env=env)
-    assert "checkpoint saved at step 2" in stopped.stdout
+    stopped = run_script("scripts.mid_train", *MID_ARGS, "--recipe", recipe, "--model-tag", "t", "--stop-at-step", 2, env=env, check=False)
+    assert stopped.returncode == 143 and "checkpoint saved at step 2" in stopped.stdout
     run_script("scripts.mid_train", *MID_ARGS, "--recipe", recipe, "--model-tag", "t", "--resume", env=env)
     ref, ref_val = mid_losses(base, "ref")
     cut, cut_val = mid_losses(base, "t")
@@ -217,8 +217,8 @@ def test_mid_train_resume_then_chat_eval(chat_env):
     assert ref[4] < ref[1]  # it learns (the chat format is easy to pick up)
     with open(os.path.join(checkpoint_dir("mid", "t", str(base)), "step_000004", "meta.json")) as f:
         meta = json.load(f)
-    assert meta["model_tag"] == "t" and meta["source"] == "base" and meta["source_step"] == 0 and meta["stage"] == "mid"
-    assert meta["hparams"]["num_iterations"] == 4 and meta["hparams"]["max_seq_len"] == 128
+    assert meta["model_tag"] == "t" and meta["parent"] == {"stage": "base", "model_tag": "t", "step": 0} and meta["stage"] == "mid"
+    assert meta["resolved"]["num_iterations"] == 4 and meta["resolved"]["max_seq_len"] == 128
 
     # chat_eval on the midtrained model: every task, a few problems each
     proc = run_script("scripts.chat_eval", "--source", "mid", "--model-tag", "t", "--max-problems", 2, "--max-new-tokens", 8, "--batch-size", 2, env=env)
@@ -244,9 +244,13 @@ def test_bad_inputs_are_errors_naming_the_flag(chat_env, monkeypatch):
         chat_eval.main(["--source", "mid", "--tasks", "ARC-Easy,Nope"])
     with pytest.raises(NanochatError, match="--temperature"):
         chat_eval.main(["--source", "base", "--tasks", "GSM8K", "--num-samples", "4", "--max-problems", "1"])
+    base = chat_env["base"]
+    os.symlink(checkpoint_dir("base", "t", str(base)), checkpoint_dir("base", "bad", str(base)))
     with pytest.raises(NanochatError, match="--total-batch-size 500"):
-        mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--total-batch-size", "500"])
-    with pytest.raises(NanochatError, match="no checkpoint found in .*mid.nope"):
+        mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--total-batch-size", "500", "--model-tag", "bad"])
+    with pytest.raises(NanochatError, match="mid/t holds a mid run .*--resume.*--overwrite"):  # a finished run is not overwritten by accident
+        mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--model-tag", "t"])
+    with pytest.raises(NanochatError, match="--resume: no mid checkpoint in .*mid.nope"):
         mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--model-tag", "nope", "--resume"])
 
 

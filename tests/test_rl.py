@@ -214,11 +214,11 @@ RL_ARGS = ["--questions-per-step", 2, "--num-samples", 4, "--max-new-tokens", 12
 @needs_data
 def test_chat_rl_script_runs_and_reports(rl_env):
     base = rl_env["base"]
-    proc = run_script("scripts.chat_rl", *RL_ARGS, "--num-steps", 2, env=rl_env["env"], timeout=300)
+    proc = run_script("scripts.chat_rl", *RL_ARGS, "--num-iterations", 2, env=rl_env["env"], timeout=300)
     assert "GSM8K test:" in proc.stdout
     ckpt = checkpoint_dir("rl", "t", str(base))
     _, _, meta = load_checkpoint(ckpt, 2, "cpu")
-    assert meta["stage"] == "rl" and meta["source"] == "sft" and meta["source_step"] == 5 and meta["num_steps"] == 2
+    assert meta["stage"] == "rl" and meta["parent"] == {"stage": "sft", "model_tag": "t", "step": 5} and meta["resolved"]["num_iterations"] == 2
     rows = read_metrics(os.path.join(ckpt, "run", "metrics.jsonl"))
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -262,15 +262,18 @@ def test_grpo_updates_and_resume_matches_uninterrupted(rl_env, monkeypatch):
     base = rl_env["base"]
     parity_reward(monkeypatch)
     os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "ref", str(base)))
-    common = ["--num-steps", 3, "--ppo-epochs", 2, "--kl-coef", 0.05]
+    common = ["--num-iterations", 3, "--ppo-epochs", 2, "--kl-coef", 0.05]
     run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "ref")
     os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "cut", str(base)))
-    run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "cut", "--stop-at-step", 2)
+    with pytest.raises(SystemExit) as stop:
+        run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "cut", "--stop-at-step", 2)
+    assert stop.value.code == 143
     assert [r["step"] for r in rl_rows(base, "cut")] == [1, 2]
     run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "cut", "--resume")
     ref, cut = rl_rows(base, "ref"), rl_rows(base, "cut")
     assert [r["step"] for r in ref] == [r["step"] for r in cut] == [1, 2, 3]
     for a, b in zip(ref, cut):
+        assert a["samples_sha"] == b["samples_sha"]  # the same sampled tokens and rewards
         for key in ("reward", "loss", "grad_norm", "kl", "clip_frac", "gen_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key, a[key], b[key])
     assert any(not r["skipped"] for r in ref) and any(0 < r["reward"] < 1 for r in ref)
@@ -286,7 +289,7 @@ def test_rsft_keeps_correct_samples_and_writes_them(rl_env, monkeypatch):
     base = rl_env["base"]
     parity_reward(monkeypatch)
     os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "rs", str(base)))
-    run_inprocess(rl_env, monkeypatch, "--algo", "rsft", "--num-steps", 2, "--model-tag", "rs")
+    run_inprocess(rl_env, monkeypatch, "--algo", "rsft", "--num-iterations", 2, "--model-tag", "rs")
     rows = rl_rows(base, "rs")
     with open(os.path.join(checkpoint_dir("rl", "rs", str(base)), "run", "rsft_samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
@@ -300,7 +303,7 @@ def test_rsft_keeps_correct_samples_and_writes_them(rl_env, monkeypatch):
         assert len(text) % 2 == 0  # the (patched) judge's verdict holds for what was written
     # resuming with another algorithm is refused
     with pytest.raises(NanochatError, match="--algo rsft"):
-        run_inprocess(rl_env, monkeypatch, "--num-steps", 2, "--model-tag", "rs", "--resume")
+        run_inprocess(rl_env, monkeypatch, "--num-iterations", 2, "--model-tag", "rs", "--resume")
 
 
 @needs_data
@@ -319,7 +322,7 @@ def test_two_ranks_match_one_process(rl_env, monkeypatch):
     base = rl_env["base"]
     for tag in ("d2", "d1", "r2", "r1"):
         os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", tag, str(base)))
-    common = [str(a) for a in RL_ARGS] + ["--num-steps", "2", "--questions-per-step", "4", "--kl-coef", "0.05", "--ppo-epochs", "2"]  # 2 questions per rank
+    common = [str(a) for a in RL_ARGS] + ["--num-iterations", "2", "--questions-per-step", "4", "--kl-coef", "0.05", "--ppo-epochs", "2"]  # 2 questions per rank
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_ddp_worker.py")
     for extra in (["--model-tag", "d2"], ["--algo", "rsft", "--model-tag", "r2"]):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, *common, *extra]
