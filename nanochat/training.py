@@ -499,7 +499,7 @@ class RunState:
     def interruptible(self):
         """A section a stop signal may cut short (one process): it saves the current step and
         exits. The RNG streams are forked, so the section does not change the training run's."""
-        if self.stop_reason is not None:
+        if self.stop_reason is not None and not self.ddp:  # under DDP the ranks agree at the step boundary
             self._save_and_exit()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self._interruptible = not self.ddp
@@ -577,7 +577,7 @@ class RunState:
         self.save()
         metrics["train_time_s"] = self.total_time
         self.log({"step": self.step} | metrics)
-        report.log_stage(REPORT_NAMES[self.stage], args=vars(self.args), metrics=metrics, metrics_file=self.logger.path)
+        report.log_stage(REPORT_NAMES.get(self.stage, self.stage), args=vars(self.args), metrics=metrics, metrics_file=self.logger.path)
         print0(f"training time {self.total_time:.1f}s")
         self.close()
 
