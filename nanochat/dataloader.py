@@ -70,20 +70,52 @@ MAX_AGE_FACTOR = 2
 PREFETCH_ROW_GROUPS = 2  # row groups read and tokenised ahead of the one being packed
 PREFETCH_BATCHES = 4  # packed batches ready ahead of the training loop
 
-# Running producer threads -> their stop events. They are daemon threads, so that a dropped or
-# unfinished loader never keeps the process alive; but CPython before 3.14 ends a daemon thread at
-# exit with pthread_exit when it next takes the GIL, and unwinding out of a C++ call (torch, pyarrow)
-# that way aborts the whole process ("terminate called without an active exception", seen at the
-# end of a runcpu base_train). So they are stopped and joined before the interpreter finalises.
+# Producer threads -> their stop events, from their start until a join has seen them end. They are
+# daemon threads, so that a dropped or unfinished loader never keeps the process alive; but CPython
+# before 3.14 ends a daemon thread still running at finalisation with pthread_exit when it next
+# takes the GIL, and unwinding out of a C++ frame that way calls std::terminate: exit 134,
+# "terminate called without an active exception", after the checkpoint was saved. pyarrow's
+# ParquetReader dealloc is such a frame (it drops the GIL while the C++ reader is destroyed; gdb on
+# a core of the abort), and so is every torch op. Hence:
+# - the exit hook stops and joins every producer, and only a join ends a registration. The earlier
+#   version let a thread take itself off the list in its own `finally`, with its teardown still
+#   ahead (Thread.run drops its arguments, and with them the ParquetFile, after the target
+#   returns): the hook did not wait for that teardown (1 of 140 short base_train runs aborted);
+# - a producer ends by joining its reader thread and freeing its shard (_DocStream.close), so all
+#   of a loader's C++ work is over when its producer is joined;
+# - no producer starts once the hook has taken its list.
+# Loaders are not joined in __del__ (it may run on any thread, at any allocation): close() and
+# `with` join at once, a dropped loader's producer stops by itself and is joined at exit.
 _PRODUCERS = {}
+_PRODUCERS_LOCK = threading.Lock()
+_exiting = False  # set by the exit hook: no producer may start after it has taken its list
+
+
+def _start_producer(thread, stop):
+    """Register and start a producer thread, atomically with respect to the exit hook.
+    Raises NanochatError once the interpreter is exiting."""
+    with _PRODUCERS_LOCK:
+        if _exiting:
+            raise NanochatError("DataLoader: the interpreter is exiting, no new producer thread can start")
+        for t in [t for t in _PRODUCERS if not t.is_alive()]:  # started and ended: nothing left to wait for
+            del _PRODUCERS[t]
+        thread.start()  # then registered: the hook can only join a started thread, and cannot run in between
+        _PRODUCERS[thread] = stop
 
 
 @atexit.register
 def _stop_producers():
-    for stop in list(_PRODUCERS.values()):
+    global _exiting
+    with _PRODUCERS_LOCK:
+        _exiting = True
+        producers = list(_PRODUCERS.items())
+    for _, stop in producers:
         stop.set()
-    for thread in list(_PRODUCERS):
-        thread.join(timeout=10)
+    for thread, _ in producers:
+        thread.join()  # no timeout: between two checks of `stop` a producer reads at most a batch or a row group
+    with _PRODUCERS_LOCK:
+        for thread, _ in producers:
+            _PRODUCERS.pop(thread, None)
 
 
 class DataLoader:
@@ -102,6 +134,10 @@ class DataLoader:
     num_epochs: None loops over the split forever (training, and evaluation that takes a fixed
         number of batches); k stops (StopIteration) after k passes.
     state: a state_dict() to resume from.
+
+    Threads: two per loader, started by the first next(). close(), or leaving a `with DataLoader(...)
+    as loader:` block, stops them and waits until they have ended; a dropped loader's threads stop
+    by themselves, and whatever still runs at interpreter exit is stopped and joined then.
 
     Raises NanochatError on bad arguments, a missing / empty / corrupt shard directory, a split
     with fewer row groups than ranks, or a state that does not match this loader; errors found
@@ -214,17 +250,25 @@ class DataLoader:
         pin = self.device.type == "cuda"
         # The thread gets no reference to self, so a dropped loader is collected and stops it.
         self._thread = threading.Thread(target=_produce, args=(packer, self._position, self.B, pin, self._queue, self._stop), daemon=True, name=f"dataloader-{self.split}-{self.rank}")
-        _PRODUCERS[self._thread] = self._stop
-        self._thread.start()
+        _start_producer(self._thread, self._stop)
 
     def close(self):
-        """Stop the background threads (a later next() restarts from the current state)."""
-        if self._stop is not None:
-            self._stop.set()
-            self._thread.join(timeout=10)
+        """Stop the background threads and wait for them to end, their files closed; a no-op if none
+        runs. A later next() restarts from the current state."""
+        thread, stop = self._thread, self._stop
         self._thread = self._queue = self._stop = None
+        if stop is not None:
+            stop.set()
+            thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def __del__(self):
+        # only signalled here: the exit hook (or the producer itself) finishes the job, see _PRODUCERS
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
 
@@ -244,7 +288,7 @@ def _produce(packer, position, B, pin, out, stop):
     """Background thread: pack batches of B rows into int32 [B, T + 1] (pinned) tensors and queue
     (rows, position after them); None at the end of a finite pass, or the exception raised."""
     try:
-        packer.restore(position)
+        packer.restore(position, stop)
         while not stop.is_set():
             rows = torch.empty((B, packer.cap), dtype=torch.int32, pin_memory=pin)
             array = rows.numpy()
@@ -257,8 +301,7 @@ def _produce(packer, position, B, pin, out, stop):
     except BaseException as e:  # handed to the training loop, which raises it
         _put(out, e, stop)
     finally:
-        packer.stream.close()
-        _PRODUCERS.pop(threading.current_thread(), None)
+        packer.stream.close()  # its worker joined and its ParquetFile freed here, while a join still waits for us
 
 
 class _DocStream:
@@ -281,7 +324,11 @@ class _DocStream:
         self._shard = (None, None)  # (path, ParquetFile) of the last shard read, reused
 
     def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel the reads not started, wait for the one running, free the open shard. Called by the
+        producer as it ends: nothing of the stream is then left to run or to free after it."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
+        self._current, self._shard = None, (None, None)
 
     def position(self):
         """(epoch, global row group, row) of the next document."""
@@ -352,13 +399,16 @@ class _Packer:
         self.ages = []  # heap of seq (lazily deleted)
         self.docs_read = 0
 
-    def restore(self, position):
-        """Rebuild the buffer of a saved position by re-reading and re-tokenising its documents."""
+    def restore(self, position, stop=None):
+        """Rebuild the buffer of a saved position by re-reading and re-tokenising its documents;
+        returns early, the buffer incomplete, once `stop` (a threading.Event) is set."""
         self.docs_read = position["docs_read"]
         by_row_group = {}
         for g, row, start, seq in position["buffer"]:
             by_row_group.setdefault(g, []).append((row, start, seq))
         for g, entries in by_row_group.items():
+            if stop is not None and stop.is_set():
+                return
             rows, docs = self.stream.read(g, sorted(row for row, _, _ in entries))
             doc_of = dict(zip(rows, docs))
             for row, start, seq in entries:
