@@ -178,3 +178,37 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):  # checkpoints before the pin have none
         raise NanochatError(f"the tokenizer (fingerprint {tokenizer.fingerprint()}) is not the one {ckpt_dir} was trained with ({meta['tokenizer']})")
     return model, tokenizer, meta
+
+
+def resolve_model_ref(ref, base_dir=None):
+    """
+    A reference into the model registry (nanochat.registry): NAME (its newest version), NAME:vN or
+    NAME@ALIAS, as (stage, model_tag, step) for load_model. Raises NanochatError (one line) for an
+    unknown name, version or alias, or when the registered checkpoint is gone, no longer holds the
+    registered weights, or lies outside this base dir.
+    """
+    from nanochat.registry import Registry, verify_model
+
+    with Registry(base_dir=base_dir) as reg:
+        model = reg.resolve_model(ref)
+    verify_model(model)
+    here = os.path.join(checkpoint_dir(model["stage"], model["model_tag"], base_dir), f"step_{model['step']:06d}")
+    if os.path.realpath(here) != os.path.realpath(model["ckpt_path"]):
+        raise NanochatError(f"{ref} is the checkpoint {model['ckpt_path']}, not under this base dir ({base_dir or get_base_dir()})")
+    return model["stage"], model["model_tag"], model["step"]
+
+
+def apply_model_ref(args, default_source="sft"):
+    """
+    The --model flag of the inference scripts: with --model REF, set args.source, args.model_tag and
+    args.step from the registry (NanochatError when --source, --model-tag or --step are given too);
+    without it, args.source defaults to default_source. Returns args.
+    """
+    if args.model is None:
+        args.source = args.source or default_source
+        return args
+    given = [flag for flag, value in (("--source", args.source), ("--model-tag", args.model_tag), ("--step", args.step)) if value is not None]
+    if given:
+        raise NanochatError(f"--model {args.model} names a checkpoint already: drop {', '.join(given)}")
+    args.source, args.model_tag, args.step = resolve_model_ref(args.model)
+    return args

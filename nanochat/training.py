@@ -7,6 +7,7 @@ state capture. Each script keeps its own flat loop and supplies only its data, l
 """
 
 import argparse
+import atexit
 import contextlib
 import json
 import math
@@ -26,6 +27,7 @@ from nanochat import report
 from nanochat.checkpoint_manager import build_model, checkpoint_dir, find_latest_model_tag, list_steps, load_checkpoint, load_meta, load_model, load_tensor_file, save_checkpoint
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.optim import apply_schedules
+from nanochat.registry import RunRecorder, check_name, file_hash
 from nanochat.scaling import EMBEDDING_LR, MATRIX_LR, SCALAR_LR, UNEMBEDDING_LR
 from nanochat.tokenizer import get_tokenizer
 
@@ -218,6 +220,7 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA, 0 elsewhere)")
     g.add_argument("--seed", type=int, default=42, help="seed of the initialisation, data order and samples")
     g.add_argument("--run", type=str, default=None, help="wandb run name (no wandb logging when not given)")
+    g.add_argument("--name", type=str, default=None, help="run name in the run registry (default: e001, e002, ...; see docs/lab.md)")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name" + (f" of the {parent} source and of the output (default: the latest {parent})" if parent else ""))
     if parent:
         g.add_argument("--step", type=int, default=None, help=f"step of the {parent} checkpoint to start from (default: its last)")
@@ -270,6 +273,8 @@ def parse_run_args(p, argv=None):
         raise NanochatError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} is above 1")
     if args.resume and args.overwrite:
         raise NanochatError("--resume and --overwrite contradict each other: give one")
+    if args.name is not None:
+        check_name(args.name, "--name")
     return args
 
 
@@ -277,6 +282,8 @@ def parse_run_args(p, argv=None):
 # The run state: what every training stage shares (shaped like torchtitan's CheckpointManager).
 
 REPORT_NAMES = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
+# The data recipe a stage reads when --recipe is not given (mid_train, chat_sft): its hash goes to the run registry.
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "recipes")
 
 
 class _Interrupt(BaseException):
@@ -309,6 +316,14 @@ class RunState:
     checkpoint on resume. Checkpoint meta: stage, model_tag, step, run_id, parent, tokenizer,
     model_config, args, resolved (every setting as used, inherited by the next stage), loop_state,
     rng_state and dataloader_state (per rank).
+
+    Run registry (nanochat.registry, rank 0; an error there is one warning line, never a stop):
+    start() registers the run under its run_id (name: --name, else e001, e002, ...; run/run.json
+    holds the same record), log() rows with val_bpb / val_loss / core / eval_pass@k become evals,
+    every save() updates the wall time, and the run ends "done" (finish(), with its metrics as the
+    summary and end_reason, e.g. an early stop, as the reason), "stopped" (a signal or
+    --stop-at-step) or "failed" (the process exits otherwise); a process that dies unseen (SIGKILL)
+    is found "killed" by the next reader.
     """
 
     def __init__(self, stage, args, parent=None, model_tag=None):
@@ -345,6 +360,7 @@ class RunState:
         self.model = self.optimizer = self.loader = self.train_model = None
         self.total_time, self.lrm, self._saved_step, self._logs = self.loop.get("total_time", 0.0), 1.0, None, {}
         self.stop_reason, self._exit_code, self._interruptible = None, 0, False
+        self.end_reason, self.recorder, self._failure = None, None, None
         self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     # ---------------------------------------------------------------------------------- set-up
@@ -413,6 +429,29 @@ class RunState:
             print0(f"resumed from {path} at step {self.start_step}")
         self.logger = MetricsLogger(os.path.join(self.ckpt_dir, "run"), vars(self.args) | self.resolved, self.args.run, rank=self.rank)
         self.track_log(self.logger.path)
+        if self.rank == 0:  # training evals are reloaded from the log as it was cut back
+            self.recorder = RunRecorder(os.path.dirname(self.logger.path))
+            self.recorder.start(self._run_record(), self.logger.path)
+            atexit.register(self._on_exit)
+
+    def _run_record(self):
+        """This run's row of the run registry (nanochat.registry.RUN_COLUMNS; the recorder adds
+        host, pid, times and status)."""
+        parent, parent_run_id, git = self.parent_info or {}, None, report.git_info()
+        if parent:
+            with contextlib.suppress(NanochatError):
+                parent_run_id = load_meta(checkpoint_dir(parent["stage"], parent["model_tag"]), parent["step"]).get("run_id")
+        recipe = getattr(self.args, "recipe", None) or os.path.join(RECIPES_DIR, f"{self.stage}.json")
+        recipe = os.path.abspath(recipe) if os.path.isfile(recipe) else None
+        device = self.device.type + (f" {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "")
+        return {
+            "id": self.run_id, "name": self.args.name, "stage": self.stage, "model_tag": self.model_tag, "ckpt_dir": os.path.abspath(self.ckpt_dir),
+            "parent_stage": parent.get("stage"), "parent_tag": parent.get("model_tag"), "parent_step": parent.get("step"),
+            "parent_run_id": parent_run_id,
+            "config": vars(self.args) | self.resolved, "git_commit": git["commit"], "git_dirty": git["dirty"], "tokenizer": self.tokenizer_fp,
+            "recipe_path": recipe, "recipe_hash": file_hash(recipe) if recipe else None, "flops_per_token": self.flops_per_token,
+            "device": device, "world_size": self.world_size,
+        }
 
     # ---------------------------------------------------------------------------------- the loop
 
@@ -470,7 +509,8 @@ class RunState:
         """
         loss = float("nan") if self.step == self.args.nan_at_step else float(loss)
         if not math.isfinite(loss):
-            raise NanochatError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint is kept in {self.ckpt_dir}")
+            self._failure = f"loss is {loss} at step {self.step}"
+            raise NanochatError(f"{self._failure}; stopping. The last good checkpoint is kept in {self.ckpt_dir}")
         self._sync()
         dt = time.perf_counter() - self._t0 - self._eval_time
         step, timed = self.step + 1, self.step - self.start_step
@@ -487,7 +527,10 @@ class RunState:
         self.log({"step": step, "loss": loss, "lr_mult": self.lrm, "dt": dt, "tok_per_s": tokens / dt, "mfu": mfu, "time": self.total_time} | metrics)
 
     def log(self, row):
+        """One metrics row (rank 0 writes it); its evaluation keys also go to the run registry."""
         self.logger.log(row)
+        if self.recorder is not None:
+            self.recorder.log(row)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -534,6 +577,8 @@ class RunState:
     def _save_and_exit(self):
         path = self.save()
         print0(f"{self.stop_reason}: checkpoint saved at step {self.step} ({path}); continue with --resume")
+        if self.recorder is not None:
+            self.recorder.end("stopped", stop_reason=self.stop_reason, summary=report.summarize_metrics(self.logger.path))
         self.close()
         sys.exit(self._exit_code)
 
@@ -570,6 +615,8 @@ class RunState:
         path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id)
         self._saved_step = self.step
         print0(f"saved checkpoint {path}")
+        if self.recorder is not None:  # the wall time so far and the settings resolved since start()
+            self.recorder.update(config=vars(self.args) | self.resolved)
         return path
 
     def finish(self, **metrics):
@@ -578,10 +625,24 @@ class RunState:
         metrics["train_time_s"] = self.total_time
         self.log({"step": self.step} | metrics)
         report.log_stage(REPORT_NAMES.get(self.stage, self.stage), args=vars(self.args), metrics=metrics, metrics_file=self.logger.path)
+        if self.recorder is not None:
+            self.recorder.end("done", stop_reason=self.end_reason, summary=report.summarize_metrics(self.logger.path) | metrics)
         print0(f"training time {self.total_time:.1f}s")
         self.close()
 
+    def _on_exit(self):
+        """atexit, rank 0: the process ends with neither finish() nor a saved stop: the run failed
+        (the reason: a NaN loss, an uncaught exception, or see stderr), or a second signal gave up."""
+        if self.stop_reason is not None:
+            status, reason = "stopped", f"{self.stop_reason}, exited without saving"
+        else:
+            e = getattr(sys, "last_value", None)  # the interpreter sets it for an uncaught exception before atexit runs
+            uncaught = f"{type(e).__name__}: {e}".splitlines()[0] if e is not None else None
+            status, reason = "failed", self._failure or uncaught or "exited before finish() (the error is on stderr)"
+        self.recorder.end(status, stop_reason=reason, summary=report.summarize_metrics(self.logger.path))
+
     def close(self):
+        atexit.unregister(self._on_exit)
         self.logger.finish()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)

@@ -6,9 +6,10 @@ Evaluate a base checkpoint: the CORE metric, bpb on the train and val shards, an
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --model-tag d20
 
 Writes <base_dir>/report/base-eval.json and base-eval.md, and the stage record of nanochat.report
-(report/base_eval.json), on rank 0. CORE data: --eval-dir (see
-nanochat/core_eval.py and docs/core.md); tasks whose files are missing are listed as missing and
-CORE is averaged over the tasks present.
+(report/base_eval.json), on rank 0; the results also go to the run registry under the run that wrote
+the checkpoint (nanochat/registry.py). CORE data: --eval-dir (see nanochat/core_eval.py and
+docs/core.md); tasks whose files are missing are listed as missing and CORE is averaged over the
+tasks present.
 """
 
 import argparse
@@ -17,12 +18,13 @@ import os
 import time
 
 from nanochat import report as run_report
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import checkpoint_dir, load_model
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.core_eval import BASELINE_VERSIONS, evaluate_core, format_core_table
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.registry import base_eval_rows, record_evals
 
 EVALS = ("core", "bpb", "sample")
 SAMPLE_PROMPTS = [
@@ -132,6 +134,7 @@ def main(argv=None):
         atomic_write_bytes(os.path.join(report_dir, "base-eval.json"), json.dumps(report, indent=1).encode())
         atomic_write_bytes(os.path.join(report_dir, "base-eval.md"), markdown_report(report).encode())
         print0(f"wrote {os.path.join(report_dir, 'base-eval.json')} and base-eval.md")
+        record_evals(checkpoint_dir("base", meta["model_tag"]), meta, base_eval_rows(report), "base_eval")
     # the stage's record for the run's report card (rank 0 only; wall time, system, arguments)
     metrics = {"model_tag": report["model_tag"], "step": step}
     if "core" in report:

@@ -4,6 +4,7 @@ Chat with a trained model in the terminal, with streaming output and the python 
     python -m scripts.chat_cli                      # interactive, latest SFT checkpoint
     python -m scripts.chat_cli -p "Why is the sky blue?"
     python -m scripts.chat_cli --source base --step 2000 --temperature 0
+    python -m scripts.chat_cli --model chat@prod     # a registered model (python -m scripts.lab register / alias)
 
 In the interactive session: /clear starts a new conversation, /quit (or Ctrl-D) leaves. A
 conversation longer than the model's context (its sequence_len) is refused with a one-line error.
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import apply_model_ref, load_model
 from nanochat.common import NanochatError, compute_init, run_main
 from nanochat.engine import Engine
 
@@ -23,7 +24,8 @@ from nanochat.engine import Engine
 def parse_args():
     p = argparse.ArgumentParser(description="Chat with a nanochat model")
     p.add_argument("-p", "--prompt", type=str, default=None, help="one-shot: answer this prompt and exit")
-    p.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="training stage to load")
+    p.add_argument("--source", type=str, default=None, choices=["base", "mid", "sft", "rl"], help="training stage to load (default: sft)")
+    p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag under the stage (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--system", type=str, default=None, help="system message that opens the conversation")
@@ -84,6 +86,7 @@ def reply(engine, tokenizer, ids, args, seed):
 def main():
     args = parse_args()
     check_args(args)
+    apply_model_ref(args)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
     # a full context plus the reply must fit the RoPE table (the engine refuses a request that does not)

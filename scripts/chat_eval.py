@@ -8,7 +8,8 @@ and their ChatCORE (nanochat/chat_eval.py).
     python -m scripts.chat_eval --source sft --tasks HumanEval --num-samples 10 --temperature 0.8
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval --source sft
 
-Prints the table and writes <base_dir>/report/chat-eval-<source>.json and .md (rank 0).
+Prints the table and writes <base_dir>/report/chat-eval-<source>.json and .md (rank 0); the results
+also go to the run registry under the run that wrote the checkpoint (nanochat/registry.py).
 """
 
 import argparse
@@ -17,15 +18,17 @@ import os
 import time
 
 from nanochat.chat_eval import chat_core, evaluate_task, format_table
-from nanochat.checkpoint_manager import STAGES, load_model
+from nanochat.checkpoint_manager import STAGES, apply_model_ref, checkpoint_dir, load_model
 from nanochat import report as run_report
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanochat.registry import chat_eval_rows, record_evals
 from tasks.recipe import CHAT_TASKS, load_chat_task
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE")
-    p.add_argument("--source", type=str, default="sft", choices=STAGES, help="stage of the checkpoint to evaluate")
+    p.add_argument("--source", type=str, default=None, choices=STAGES, help="stage of the checkpoint to evaluate (default: sft)")
+    p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag (default: the newest of the stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(CHAT_TASKS)}")
@@ -51,7 +54,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = apply_model_ref(parse_args(argv))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     print0(json.dumps(vars(args)))
 
@@ -107,6 +110,7 @@ def main(argv=None):
         atomic_write_bytes(path + ".md", (title + table + "\n").encode())
         print0(f"wrote {path}.json and .md")
         run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table})
+        record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(results, chatcore), "chat_eval")
     compute_cleanup()
 
 

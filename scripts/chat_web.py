@@ -3,6 +3,7 @@ Serve a trained model: a chat page at / and an OpenAI-compatible API at /v1 (Fas
 
     python -m scripts.chat_web                                  # latest SFT checkpoint, http://127.0.0.1:8000
     python -m scripts.chat_web --source base --step 2000 --port 8080 --host 0.0.0.0
+    python -m scripts.chat_web --model chat@prod                # a registered model (python -m scripts.lab)
 
 One model replica per visible GPU (or one on CPU / MPS), each decoding a continuous batch of up to
 --max-batch-size rows, behind one FIFO request queue. See docs/serving.md for the API, the limits
@@ -15,21 +16,22 @@ import signal
 
 import torch
 
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import apply_model_ref, load_model
 from nanochat.common import NanochatError, autodetect_device_type, compute_init, print0, run_main
 from nanochat.serving import ModelPool, Replica, ServingConfig, create_app
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Serve a nanochat model: web chat page + OpenAI-compatible API")
-    p.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="training stage to load")
+    p.add_argument("--source", type=str, default=None, choices=["base", "mid", "sft", "rl"], help="training stage to load (default: sft)")
+    p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag under the stage (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--num-gpus", type=int, default=None, help="CUDA only: replicas, one per GPU (default: every visible GPU)")
     p.add_argument("--host", type=str, default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--model-name", type=str, default=None, help="model id in the API (default: nanochat-<source>-<tag>-step<step>)")
+    p.add_argument("--model-name", type=str, default=None, help="model id in the API (default: the --model reference, else nanochat-<source>-<tag>-step<step>)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together per replica (a request with n choices takes n)")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests queued or running; more get HTTP 429")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest rendered conversation in tokens (default: the model's sequence_len)")
@@ -46,6 +48,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    apply_model_ref(args)
     print0(vars(args))
     if args.max_n > args.max_batch_size:
         raise NanochatError(f"--max-n {args.max_n} is more than --max-batch-size {args.max_batch_size}: such a request could never be scheduled")
@@ -80,7 +83,7 @@ def main():
     if max_prompt_tokens >= max_context:
         raise NanochatError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room in the model's context of {max_context}")
     serving = ServingConfig(
-        model_id=args.model_name or f"nanochat-{args.source}-{meta['model_tag']}-step{meta['step']}",
+        model_id=args.model_name or args.model or f"nanochat-{args.source}-{meta['model_tag']}-step{meta['step']}",
         max_prompt_tokens=max_prompt_tokens, max_new_tokens=min(args.max_new_tokens, max_context - 1), max_context=max_context,
         max_n=args.max_n, max_request_bytes=args.max_request_bytes, temperature=args.temperature,
         top_k=args.top_k or None, tools=args.tools,
