@@ -71,12 +71,13 @@ def _save_tensor_file(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None, run_id=None):
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None, run_id=None, protect=None):
     """
     Save a checkpoint; every rank calls this (rank r writes its optimizer shard, rank 0 the model and
     meta). keep_last: keep only the newest K complete checkpoints of run_id (meta["run_id"] of
     each; None keeps all); another run's checkpoints are never deleted. A failed write (disk full,
-    read-only) removes its temp directory and raises NanochatError.
+    read-only) removes its temp directory and raises NanochatError. protect: a step never pruned
+    (the best checkpoint of an early-stopping run).
     """
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -101,7 +102,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
     if rank == 0 and keep_last:
         mine = [s for s in list_steps(ckpt_dir) if run_id is None or load_meta(ckpt_dir, s).get("run_id") == run_id]
         for old in mine[:-keep_last]:
-            if old != step:
+            if old not in (step, protect):
                 shutil.rmtree(os.path.join(ckpt_dir, f"step_{old:06d}"), ignore_errors=True)
     _barrier()
     return final

@@ -247,6 +247,9 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     g.add_argument("--resume", action="store_true", help="continue this model tag's run from its latest checkpoint")
     g.add_argument("--resume-if-exists", action="store_true", help="--resume when this stage has a checkpoint, else start fresh (recipes re-run after a failure)")
     g.add_argument("--overwrite", action="store_true", help="start fresh and delete the run already in this model tag")
+    g.add_argument("--early-stop-patience", type=int, default=0, help="stop after this many evaluations without improvement (0: never); the best checkpoint is kept")
+    g.add_argument("--early-stop-min-delta", type=float, default=0.0, help="the smallest change of the validation metric that counts as an improvement")
+    g.add_argument("--divergence-threshold", type=float, default=None, help="stop as soon as the validation metric is worse than this")
     g.add_argument("--stop-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook: act as if SIGTERM arrived
     g.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # test hook: a NaN loss at this step
     p.set_defaults(**defaults)
@@ -262,7 +265,8 @@ def parse_run_args(p, argv=None):
             raise NanochatError(f"--device-batch-size must be an integer or 'auto', got {args.device_batch_size!r}") from None
     ok = lambda name, test: getattr(args, name, None) is None or test(getattr(args, name))  # noqa: E731
     checks = [(n, lambda v: v >= 1) for n in ("num_iterations", "max_seq_len", "total_batch_size")]
-    checks += [("device_batch_size", lambda v: v == "auto" or v >= 1), ("step", lambda v: v >= 0), ("keep_last", lambda v: v >= 1)]
+    checks += [("device_batch_size", lambda v: v == "auto" or v >= 1), ("step", lambda v: v >= 0), ("keep_last", lambda v: v >= 1), ("early_stop_patience", lambda v: v >= 0)]
+    checks += [("early_stop_min_delta", lambda v: v >= 0 and math.isfinite(v)), ("divergence_threshold", math.isfinite)]
     checks += [(n, lambda v: v >= 0 and math.isfinite(v)) for n in (*BASE_LRS, "weight_decay", "grad_clip")]
     checks += [(n, lambda v: 0 <= v <= 1) for n in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")]
     checks += [("init_lr_frac", lambda v: 0 < v < math.inf)] + [(n, lambda v: v == -1 or v >= 1) for n in ("eval_every", "save_every")]
@@ -486,9 +490,38 @@ class RunState:
     def due(self, every, at_start=False):
         """True if a periodic action with period `every` (-1: never) is due at the current step;
         at step 0 only when at_start (an evaluation before training, whatever the period)."""
+        if self.step == self.loop.get("evaluated_step"):  # saved as the best right after its evaluation
+            return False
         if self.step == 0:
             return at_start
         return every > 0 and self.step % every == 0
+
+    def early_stop(self, value, higher_is_better=False):
+        """
+        After an evaluation of the validation metric `value`: track the best value (loop state,
+        so resume-safe) and, with --early-stop-patience, checkpoint each new best (never pruned).
+        Returns True when training should stop: --early-stop-patience evaluations in a row without
+        an improvement of more than --early-stop-min-delta, or a value (or NaN) worse than
+        --divergence-threshold. The semantics of Lightning's EarlyStopping callback.
+        """
+        a, sign = self.args, 1 if higher_is_better else -1
+        best = self.loop.get("best")
+        if math.isfinite(value) and (best is None or sign * (value - best["value"]) > a.early_stop_min_delta):
+            self.loop.update(best={"step": self.step, "value": value}, bad_evals=0)
+            if a.early_stop_patience > 0 and self.step > self.start_step:
+                self.loop["evaluated_step"] = self.step
+                self.save()
+        else:
+            self.loop["bad_evals"] = self.loop.get("bad_evals", 0) + 1
+        thr = a.divergence_threshold
+        if not math.isfinite(value) or (thr is not None and sign * (value - thr) < 0):
+            self.end_reason = f"diverged: validation metric {value:.4g} is past --divergence-threshold {thr}"
+        elif a.early_stop_patience and self.loop["bad_evals"] >= a.early_stop_patience:
+            best = self.loop["best"]
+            self.end_reason = f"early stop: no improvement in {a.early_stop_patience} evaluations; best {best['value']:.4g} at step {best['step']}"
+        if self.end_reason:
+            print0(f"step {self.step:05d} | {self.end_reason}")
+        return self.end_reason is not None
 
     def train_step(self, batches, normalize="rows"):
         """train_step() with this run's model and optimizer; see there."""
@@ -612,7 +645,7 @@ class RunState:
         }
         if self.loader is not None:
             meta["dataloader_state"] = self.gather(self.loader.state_dict())
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id)
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id, protect=self.loop.get("best", {}).get("step") if self.args.early_stop_patience else None)
         self._saved_step = self.step
         print0(f"saved checkpoint {path}")
         if self.recorder is not None:  # the wall time so far and the settings resolved since start()

@@ -117,17 +117,19 @@ def main(argv=None):
                 core = evaluate_core(model, tokenizer, device, max_per_task=args.core_max_per_task, eval_dir=args.eval_dir)["core"]
                 print0(f"step {run.step:05d} | CORE {core:.4f}")
                 run.log({"step": run.step, "core": core})
+        return run.early_stop(run.loop["val_bpb"])  # True: stop early (--early-stop-patience, --divergence-threshold)
 
     # -------------------------------------------------------------------------------- training loop
     for step in run.steps(num_iterations):
-        if run.due(args.eval_every) or run.due(args.core_every):
-            evaluate()
+        if (run.due(args.eval_every) or run.due(args.core_every)) and evaluate():
+            break
         loss, grad_norm = run.train_step([next(train_loader) for _ in range(grad_accum_steps)], normalize="rows")
         run.log_step(loss, total_batch_size, show=("grad_norm",), grad_norm=grad_norm.item())
-    evaluate()
+    else:
+        evaluate()
 
     # -------------------------------------------------------------------------------- wrap-up: baseline and samples
-    trained_tokens = min(num_iterations * total_batch_size, 1 << 24)
+    trained_tokens = min(run.step * total_batch_size, 1 << 24)
     unigram = UnigramBaseline(config.vocab_size, device)
     counting = loader("train")
     for _ in range(max(1, trained_tokens // (device_batch_size * T * world_size))):
@@ -135,7 +137,7 @@ def main(argv=None):
     unigram_bpb = unigram.evaluate_bpb(loader("val"), eval_steps, token_bytes)
     val_bpb = run.loop["val_bpb"]
     print0(f"final val bpb {val_bpb:.4f} | unigram baseline val bpb {unigram_bpb:.4f} (token frequencies of {trained_tokens:,} training tokens)")
-    timed_steps = max(num_iterations - run.start_step - 1, 1)
+    timed_steps = max(run.step - run.start_step - 1, 1)
     tok_per_s = total_batch_size * timed_steps / max(run.total_time, 1e-9)
     mfu = run.flops_per_token * tok_per_s / (run.peak_flops * world_size) if run.peak_flops else None
     if rank == 0 and args.num_prompts > 0:
@@ -145,7 +147,7 @@ def main(argv=None):
             print0(f"sample: {prompt!r} -> {tokenizer.decode(ids[0])!r}")
     run.finish(
         final_val_bpb=val_bpb, val_bpb=val_bpb, unigram_val_bpb=unigram_bpb, num_params=n_params, num_scaling_params=n_scaling,
-        tokens=num_iterations * total_batch_size, tok_per_s=tok_per_s, mfu=mfu,
+        tokens=run.step * total_batch_size, tok_per_s=tok_per_s, mfu=mfu,
     )
 
 

@@ -131,6 +131,7 @@ def main(argv=None):
             run.loop.setdefault("first_eval", row)
             print0(f"step {run.step:05d} | GSM8K test ({r['problems']} problems, {args.eval_samples} samples, T={args.temperature}) | " + " | ".join(f"pass@{k} {v:.4f}" for k, v in r["pass_at_k"].items()))
             run.log(row)
+        return run.early_stop(row["eval_pass@1"], higher_is_better=True)  # True: stop early
 
     def micro_batches(rows):
         """rows (list of (Rollout, advantage or None)) as micro-batches sorted by length (less padding):
@@ -154,8 +155,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------------- loop
     for step in run.steps(num_iterations):
-        if run.due(args.eval_every, at_start=True):
-            evaluate()
+        if run.due(args.eval_every, at_start=True) and evaluate():
+            break
         # ---- sample K completions of this rank's questions and score them
         mine = step_questions(step)
         conversations = [train_task[i] for i, _ in mine]
@@ -228,7 +229,8 @@ def main(argv=None):
             row["kept"] = int(kept_n)
         flops = run.flops_per_token * fed + run.flops_per_token / 3 * gen_tokens  # forward + backward of the updates, forward of the decode
         run.log_step(loss_sum, gen_tokens, flops=flops, show=("reward", "train_pass@1", f"train_pass@{K}", "mean_len"), **row)
-    evaluate()
+    else:
+        evaluate()
 
     # -------------------------------------------------------------------------------- wrap-up
     metrics = {"num_params": model.num_params()}

@@ -97,17 +97,19 @@ def main(argv=None):
             val_loss = run.loop["val_loss"] = evaluate_loss(model, (collate([render(i) for i in mine[k : k + B]], device) for k in range(0, len(mine), B)), device)
             print0(f"step {run.step:05d} | val loss {val_loss:.4f}")
             run.log({"step": run.step, "val_loss": val_loss})
+        return run.early_stop(val_loss)  # True: stop early (--early-stop-patience, --divergence-threshold)
 
     # -------------------------------------------------------------------------------- optimizer and loop
     optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
     run.start(model, optimizer)
     for step in run.steps(num_iterations):
-        if run.due(args.eval_every, at_start=True):
-            evaluate()
+        if run.due(args.eval_every, at_start=True) and evaluate():
+            break
         batches = list(train_batches(step))
         loss, grad_norm = run.train_step(batches, normalize="tokens")
         run.log_step(loss, sum(x.numel() for x, _ in batches) * world_size, grad_norm=float(grad_norm))
-    evaluate()
+    else:
+        evaluate()
     run.finish(val_loss=run.loop.get("val_loss"), source=args.source)
 
 

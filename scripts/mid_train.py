@@ -79,17 +79,19 @@ def main(argv=None):
                 val_loss = run.loop["val_loss"] = evaluate_loss(model, loader(val_idx, num_epochs=1), device)
                 print0(f"step {run.step:05d} | val loss {val_loss:.4f}")
                 run.log({"step": run.step, "val_loss": val_loss})
+            return run.early_stop(val_loss)  # True: stop early (--early-stop-patience, --divergence-threshold)
 
     # -------------------------------------------------------------------------------- optimizer and loop
     optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
     train_loader = loader(train_idx)
     run.start(model, optimizer, train_loader)
     for step in run.steps(num_iterations):
-        if run.due(args.eval_every, at_start=True):
-            evaluate()
+        if run.due(args.eval_every, at_start=True) and evaluate():
+            break
         loss, grad_norm = run.train_step([next(train_loader) for _ in range(grad_accum_steps)], normalize="tokens")
         run.log_step(loss, total_batch_size, show=("epoch",), grad_norm=float(grad_norm), epoch=train_loader.progress())
-    evaluate()
+    else:
+        evaluate()
 
     pad = train_loader.pad_tokens / max(1, train_loader.rows_packed * (T + 1))
     print0(f"padding {100 * pad:.1f}% of the packed tokens (rank 0) | {train_loader.skipped} conversations skipped (no trained token in a row)")
