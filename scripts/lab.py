@@ -5,6 +5,7 @@ meanings and worked examples: docs/lab.md.
     python -m scripts.lab list [--stage base] [--status done]     # every run of the registry
     python -m scripts.lab show e003                                # one run: record, evals, notes, models
     python -m scripts.lab compare e001 e002 e003 --gpu-hour-price 2.5
+    python -m scripts.lab analyze e001                             # learning-curve findings and a recommendation
     python -m scripts.lab curves e001 e002 --out curves.png        # train and val curves, overlaid
     python -m scripts.lab reindex [--check]                        # rebuild runs and evals from the run folders
     python -m scripts.lab register e003:2000 --name chat           # -> chat:v1 (immutable; same weights = same version)
@@ -27,6 +28,7 @@ import re
 import sys
 from collections import Counter
 
+from nanochat import analysis
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import NanochatError, get_base_dir, run_main
 from nanochat.registry import Registry, iso, now, read_jsonl, reindex
@@ -488,6 +490,13 @@ def cmd_compare(reg, args):
     return result, format_compare(result)
 
 
+def cmd_analyze(reg, args):
+    r = reg.get_run(args.run)
+    planned = (r.get("config") or {}).get("num_iterations")
+    result = analysis.analyze(read_jsonl(metrics_path(r)), stage=r["stage"], num_iterations=planned, project_to=args.project_to)
+    return result.to_dict(), f"# {r['name']} ({r['id']})\n" + analysis.format_report(result)
+
+
 def cmd_curves(reg, args):
     out = plot_curves([reg.get_run(ref) for ref in args.runs], args.out)
     return {"out": os.path.abspath(out)}, f"wrote {out}"
@@ -605,6 +614,9 @@ def parse_args(argv=None):
     s = sub.add_parser("compare", parents=[common], help="one table of two or more runs; the first is the reference")
     s.add_argument("runs", nargs="+", help="run ids, names or checkpoint directories")
     s.add_argument("--gpu-hour-price", type=float, default=None, help=f"USD per GPU-hour (default: ${PRICE_ENV} or {DEFAULT_GPU_HOUR_PRICE})")
+    s = sub.add_parser("analyze", parents=[common], help="learning-curve findings of a run and a recommendation (nanochat/analysis.py)")
+    s.add_argument("run", help="run id, name or checkpoint directory")
+    s.add_argument("--project-to", type=int, default=None, help="step of the power-law projection of a base run's val bpb (default: its planned horizon, or 2x its last step)")
     s = sub.add_parser("curves", parents=[common], help="PNG of the train and val curves of runs, overlaid")
     s.add_argument("runs", nargs="+", help="run ids, names or checkpoint directories")
     s.add_argument("--out", type=str, default="curves.png", help="PNG to write")
@@ -629,7 +641,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-VERBS = {"list": cmd_list, "show": cmd_show, "compare": cmd_compare, "curves": cmd_curves, "reindex": cmd_reindex, "register": cmd_register,
+VERBS = {"list": cmd_list, "show": cmd_show, "compare": cmd_compare, "analyze": cmd_analyze, "curves": cmd_curves, "reindex": cmd_reindex, "register": cmd_register,
          "alias": cmd_alias, "models": cmd_models, "note": cmd_note, "tag": cmd_note, "report": cmd_report}
 
 

@@ -164,8 +164,17 @@ def test_report_counts_bests_and_deltas_to_the_previous_report(registry, capsys,
     assert "## Best run per metric" in text and "| base/ARC-Easy | 0.7000 | ref | 0.6000 | 0.1000 |" in text
 
 
+def test_analyze_reads_the_runs_metrics_log(registry, capsys):
+    lab.main(["analyze", "ref"])
+    out = capsys.readouterr().out
+    assert out.startswith("# ref (aaaa0001)") and "best val_bpb" in out and "at step 160" in out and "recommendation:" in out
+    lab.main(["analyze", "new", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["stage"] == "base" and result["metric"] == "val_bpb" and result["n_eval"] == 3 and result["best"][0] == 40
+
+
 def test_every_verb_has_json_and_bad_input_is_one_line(registry, capsys, tmp_path):
-    verbs = [["list"], ["list", "--stage", "base", "--status", "done"], ["show", "ref"], ["compare", "ref", "new"], ["curves", "ref", "--out", str(tmp_path / "x.png")],
+    verbs = [["list"], ["list", "--stage", "base", "--status", "done"], ["show", "ref"], ["compare", "ref", "new"], ["analyze", "ref"], ["curves", "ref", "--out", str(tmp_path / "x.png")],
              ["reindex", "--check"], ["models"], ["note", "ref", "a note"], ["tag", "new", "baseline"], ["report", "--since", "7d"]]
     for argv in verbs:
         lab.main(argv + ["--json"])
