@@ -2,6 +2,7 @@
 # Set up (venv + install) and run every test: the Rust crate's checks, then pytest.
 #   bash runs/test.sh            # everything (what CI runs)
 #   bash runs/test.sh -k gpt     # extra arguments go to pytest
+#   bash runs/test.sh -m "not slow"   # the fast loop (about a minute); CI runs the slow tests too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source runs/setup.sh

@@ -1,7 +1,6 @@
 import pytest
 
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
-from scripts_util import SHARED_DATA  # noqa: F401  (also exports $NANOCHAT_SHARED_DATA before test modules load)
 
 
 def byte_tokenizer():

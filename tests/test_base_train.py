@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from helpers.scripts_util import REPO, SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
 from nanochat.scaling import derive_batch_size, derive_training_hparams
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from nanochat.training import find_device_batch_size
-from scripts_util import REPO, SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
 
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")), reason="needs ../shared/data")
 ARGS = ["--depth", 1, "--aspect-ratio", 64, "--max-seq-len", 32, "--device-batch-size", 4, "--total-batch-size", 256, "--eval-every", -1, "--eval-tokens", 1024, "--num-prompts", 0, "--core-every", -1]
@@ -31,6 +31,7 @@ def losses(env, tag):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 @needs_data
 def test_resume_reproduces_uninterrupted_run(env):
     run_script("scripts.base_train", *ARGS, "--num-iterations", 8, "--model-tag", "full", env=env)
@@ -44,6 +45,7 @@ def test_resume_reproduces_uninterrupted_run(env):
         assert abs(full[step] - cut[step]) <= 1e-6, (step, full[step], cut[step])
 
 
+@pytest.mark.slow
 @needs_data
 def test_nan_guard_keeps_last_checkpoint(env):
     proc = run_script("scripts.base_train", *ARGS, "--num-iterations", 6, "--save-every", 2, "--nan-at-step", 3, env=env, check=False)
@@ -53,6 +55,7 @@ def test_nan_guard_keeps_last_checkpoint(env):
     assert sorted(os.listdir(ckpt)) == ["run", "step_000002"]
 
 
+@pytest.mark.slow
 @needs_data
 def test_auto_device_batch_size(env):
     proc = run_script("scripts.base_train", *ARGS, "--num-iterations", 1, "--device-batch-size", "auto", env=env)
@@ -105,6 +108,7 @@ print(applied, libc.mallinfo2().hblkhd >> 20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_cpu_memory only acts on glibc")
 def test_keep_freed_cpu_memory_keeps_large_blocks_off_mmap():
     def probe(mode):

@@ -1,6 +1,6 @@
 """
 The chat page in a real browser: Debian's chromium driven by Playwright (no browser download)
-against a real chat_web process serving the cycle model (serving_util.py), whose replies are known:
+against a real chat_web process serving the cycle model (helpers/serving_util.py), whose replies are known:
 the page loads, a message gets a streamed reply, the stop button stops it (and the server frees the
 row), the conversation survives a reload and goes on with its history, and "New chat" clears it.
 """
@@ -12,10 +12,10 @@ import time
 import httpx
 import pytest
 
-from serving_util import ServerProcess, cycle_model, cycle_text, save_for_serving
+from helpers.serving_util import ServerProcess, cycle_model, cycle_text, save_for_serving
 
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
 

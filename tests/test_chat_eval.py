@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer
+from helpers.scripts_util import REPO, SHARED_DATA
 from nanochat.chat_eval import (
     centered,
     chat_core,
@@ -31,7 +32,6 @@ from nanochat.chat_eval import (
 from nanochat.common import NanochatError
 from nanochat.engine import TokenEvent
 from nanochat.gpt import GPT, GPTConfig
-from scripts_util import REPO, SHARED_DATA
 from tasks.common import Task
 from tasks.recipe import CHAT_TASKS, load_chat_task
 

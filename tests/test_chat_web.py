@@ -2,7 +2,7 @@
 The chat server (nanochat/serving.py, scripts/chat_web.py): the API in-process with FastAPI's
 TestClient, then a real uvicorn process driven by the official `openai` client, under load (50
 concurrent streams, each checked against the same request made alone), at its in-flight limit, and
-through a graceful shutdown. The served models are tiny: see serving_util.py.
+through a graceful shutdown. The served models are tiny: see helpers/serving_util.py.
 """
 
 import asyncio
@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import byte_tokenizer
+from helpers.serving_util import ServerProcess, cycle_model, cycle_text, save_for_serving
 from nanochat.checkpoint_manager import load_model
 from nanochat.serving import ModelPool, Replica, ServingConfig, TextStream, create_app
 from scripts.load_test import run_load
-from serving_util import ServerProcess, cycle_model, cycle_text, save_for_serving
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -183,6 +183,7 @@ def server(checkpoints, tmp_path_factory):
     srv.terminate()
 
 
+@pytest.mark.slow
 def test_openai_client(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     (model,) = client.models.list().data
@@ -205,6 +206,7 @@ def test_openai_client(server):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_streams(server):
     """50 streaming requests at once: none fails, and each gets exactly what it gets alone (seeded
     sampling at temperature 2, so the replies differ from each other and a mix-up would show)."""
@@ -219,6 +221,7 @@ def test_fifty_concurrent_streams(server):
         assert r["completion_tokens"] == alone["usage"]["completion_tokens"]
 
 
+@pytest.mark.slow
 def test_in_flight_limit_and_disconnects_free_the_server(server):
     """At the limit of 50 requests in flight the 51st gets 429; closing the streams (as the page's
     stop button does) frees the rows and the slots."""
@@ -253,6 +256,7 @@ def post_ok(url):
     return r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "abcd"
 
 
+@pytest.mark.slow
 def test_graceful_shutdown(checkpoints, tmp_path):
     """SIGTERM while a reply is streaming: the reply still completes, then the process exits 0."""
     srv = ServerProcess(checkpoints, "--max-new-tokens", 5000, log_path=tmp_path / "shutdown.log").wait_ready()

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import byte_tokenizer
-from scripts_util import SHARED_DATA, make_env, run_script
+from helpers.scripts_util import SHARED_DATA, make_env, run_script
 from torch import nn
 
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
@@ -235,7 +235,7 @@ def test_mean_not_sum_of_continuation_loss():
     assert 2 * loss_other < 2 * loss_other + 8 * loss_a  # by the sum the short choice would win
 
 
-@pytest.mark.parametrize("window_pattern", ["L", "SL"])
+@pytest.mark.parametrize("window_pattern", ["L", pytest.param("SL", marks=pytest.mark.slow)])  # SL: ~7 s on 2 CPU cores
 def test_batched_scoring_matches_unbatched_gpt(window_pattern):
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, window_pattern=window_pattern, sliding_window=8)
@@ -373,7 +373,7 @@ def test_real_task_table_loads():
 def test_two_ranks_match_one_process(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("core_eval_ddp_worker", os.path.join(TESTS_DIR, "core_eval_ddp_worker.py"))
+    spec = importlib.util.spec_from_file_location("core_eval_ddp_worker", os.path.join(TESTS_DIR, "helpers", "core_eval_ddp_worker.py"))
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     eval_dir = tmp_path / "eval"
@@ -383,7 +383,7 @@ def test_two_ranks_match_one_process(tmp_path):
     write_jsonl(os.path.join(eval_dir, "a", "mc.jsonl"), more_mc)  # 13 items: uneven stripes, subset of 9
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(TESTS_DIR, "core_eval_ddp_worker.py"), str(eval_dir), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(TESTS_DIR, "helpers", "core_eval_ddp_worker.py"), str(eval_dir), str(out)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     tok = worker.make_tokenizer()

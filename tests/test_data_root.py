@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers.scripts_util import REPO, SHARED_DATA, make_env, run_script
 from nanochat.common import NanochatError, resolve_data_path
 from nanochat.core_eval import get_eval_dir
 from nanochat.dataset import get_data_dir, list_parquet_files
-from scripts_util import REPO, SHARED_DATA, make_env, run_script
 from tasks.common import resolve_chat_dir, resolve_tasks_dir, resolve_words_file
 from tasks.recipe import load_chat_task
 

@@ -16,12 +16,13 @@ import pytest
 import tiktoken
 import torch
 
+from helpers.scripts_util import SHARED_DATA
 from nanochat.common import NanochatError
 from nanochat.dataloader import MAX_AGE_FACTOR, DataLoader
 from nanochat.dataset import shard_name
 
 BOS = 256
-SHARED_PRETRAIN = os.path.join(os.environ["NANOCHAT_SHARED_DATA"], "pretrain")  # set by conftest
+SHARED_PRETRAIN = os.path.join(SHARED_DATA, "pretrain")
 
 
 class ByteTokenizer:

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from scripts_util import SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
+from helpers.scripts_util import SHARED_DATA, make_env, read_metrics, run_script, small_data_dir
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")), reason="needs ../shared/data")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")), reason="needs ../shared/data")]
 
 BASE_ARGS = ["--depth", 2, "--aspect-ratio", 64, "--max-seq-len", 64, "--device-batch-size", 16, "--total-batch-size", 2048, "--eval-tokens", 16384, "--num-prompts", 1]
 

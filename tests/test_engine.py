@@ -162,6 +162,7 @@ def test_continuous_batching_matches_full_forward(byte_tok):
                 assert len(toks) == cfg["max_tokens"] or toks[-1] in (byte_tok.bos_token_id, byte_tok.special_tokens["<|assistant_end|>"])
 
 
+@pytest.mark.slow
 def test_batched_prompts_match_alone(byte_tok):
     """generate_many over prompts of different lengths gives each request exactly what it gets
     alone (greedy and seeded sampling: each request has its own generator), with per-request

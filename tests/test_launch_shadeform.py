@@ -1,5 +1,5 @@
 """
-scripts/launch_shadeform.sh against a local fake of the Shadeform API (tests/fake_shadeform.py)
+scripts/launch_shadeform.sh against a local fake of the Shadeform API (tests/helpers/fake_shadeform.py)
 and fake ssh/rsync on PATH that turn a local directory into the "instance": the whole launch
 (type choice, SSH key, create, pending -> active, upload, detached run, log streaming, download,
 delete), and every failure path: a failing phase, bad API key, quota error, an instance that never
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fake_shadeform import FakeShadeform
+from helpers.fake_shadeform import FakeShadeform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "scripts", "launch_shadeform.sh")
@@ -54,7 +54,7 @@ def launch(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("ssh", "rsync"):
-        (bin_dir / tool).write_text(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(HERE, "fake_shadeform.py")}" {tool} "$@"\n')
+        (bin_dir / tool).write_text(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(HERE, "helpers", "fake_shadeform.py")}" {tool} "$@"\n')
         (bin_dir / tool).chmod(0o755)
     os.symlink(sys.executable, bin_dir / "python3")  # the script's JSON helper: this interpreter, no shims
     key = tmp_path / "id_test"
@@ -208,6 +208,7 @@ def test_ctrl_c_deletes_the_instance(launch):
         wait_for(lambda: exit_file.exists() and exit_file.read_text().strip() == "99", 10)  # the job saw its machine go away
 
 
+@pytest.mark.slow
 def test_max_hours_guard_stops_and_deletes(launch):
     with FakeShadeform(launch.remote, active_after=0) as server:
         proc = launch.run(server, "--env", "STUB_SECONDS=60", "--max-hours", 0.0015)  # 5.4 s: fires while the phase runs

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer
+from helpers.scripts_util import SHARED_DATA, make_env, read_metrics, run_script
 from nanochat.chat_data import ConversationLoader, estimate_tokens, fill_row, rows_to_batch
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
 from nanochat.common import NanochatError
 from nanochat.gpt import GPT, GPTConfig
-from scripts_util import SHARED_DATA, make_env, read_metrics, run_script
 
 TOK = byte_tokenizer()
 S = TOK.special_tokens
@@ -248,8 +248,12 @@ def test_bad_inputs_are_errors_naming_the_flag(chat_env, monkeypatch):
     os.symlink(checkpoint_dir("base", "t", str(base)), checkpoint_dir("base", "bad", str(base)))
     with pytest.raises(NanochatError, match="--total-batch-size 500"):
         mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--total-batch-size", "500", "--model-tag", "bad"])
-    with pytest.raises(NanochatError, match="mid/t holds a mid run .*--resume.*--overwrite"):  # a finished run is not overwritten by accident
-        mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--model-tag", "t"])
+    # a finished run is not overwritten by accident (a one-step run of its own: mid/t comes from a slow test)
+    os.symlink(checkpoint_dir("base", "t", str(base)), checkpoint_dir("base", "done", str(base)))
+    done = [str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--model-tag", "done", "--num-iterations", "1"]
+    mid_train.main(done)
+    with pytest.raises(NanochatError, match="mid/done holds a mid run .*--resume.*--overwrite"):
+        mid_train.main(done)
     with pytest.raises(NanochatError, match="--resume: no mid checkpoint in .*mid.nope"):
         mid_train.main([str(a) for a in MID_ARGS] + ["--recipe", str(chat_env["recipe"]), "--model-tag", "nope", "--resume"])
 

@@ -29,7 +29,7 @@ from nanochat.optim import (
 )
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-WORKER_PATH = os.path.join(TESTS_DIR, "optim_ddp_worker.py")
+WORKER_PATH = os.path.join(TESTS_DIR, "helpers", "optim_ddp_worker.py")
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import byte_tokenizer
+from helpers.scripts_util import SHARED_DATA, make_env, read_metrics, run_script
 from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.rl import Rollout, collate_rollouts, group_advantages, policy_gradient_loss, rollout_to_conversation, sample_rollouts, select_correct, token_logprobs
-from scripts_util import SHARED_DATA, make_env, read_metrics, run_script
 from tasks.common import validate_conversation
 
 TOK = byte_tokenizer()
@@ -211,6 +211,7 @@ def rl_env(tmp_path_factory):
 RL_ARGS = ["--questions-per-step", 2, "--num-samples", 4, "--max-new-tokens", 12, "--eval-every", -1, "--eval-problems", 2, "--eval-samples", 2, "--device-batch-size", 3]
 
 
+@pytest.mark.slow
 @needs_data
 def test_chat_rl_script_runs_and_reports(rl_env):
     base = rl_env["base"]
@@ -233,8 +234,8 @@ def test_chat_rl_script_runs_and_reports(rl_env):
 
 def parity_reward(monkeypatch):
     """Make GSM8K judge a completion correct when its text has an even length: a random model then
-    gets mixed groups, so every part of the update runs (the same rule as tests/rl_ddp_worker.py)."""
-    from rl_ddp_worker import parity_judge
+    gets mixed groups, so every part of the update runs (the same rule as tests/helpers/rl_ddp_worker.py)."""
+    from helpers.rl_ddp_worker import parity_judge
     from tasks.gsm8k import GSM8K
 
     monkeypatch.setattr(GSM8K, "evaluate", parity_judge)
@@ -323,7 +324,7 @@ def test_two_ranks_match_one_process(rl_env, monkeypatch):
     for tag in ("d2", "d1", "r2", "r1"):
         os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", tag, str(base)))
     common = [str(a) for a in RL_ARGS] + ["--num-iterations", "2", "--questions-per-step", "4", "--kl-coef", "0.05", "--ppo-epochs", "2"]  # 2 questions per rank
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_ddp_worker.py")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "rl_ddp_worker.py")
     for extra in (["--model-tag", "d2"], ["--algo", "rsft", "--model-tag", "r2"]):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, *common, *extra]
         proc = subprocess.run(cmd, env=rl_env["env"], capture_output=True, text=True, timeout=300)

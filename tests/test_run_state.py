@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer
+from helpers.scripts_util import REPO, SHARED_DATA, make_env, read_metrics, small_data_dir
 from nanochat.checkpoint_manager import checkpoint_dir, list_steps, load_meta, load_model, save_checkpoint
 from nanochat.common import NanochatError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import get_muon_momentum
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from nanochat.training import add_run_args, parse_run_args
-from scripts_util import REPO, SHARED_DATA, make_env, read_metrics, small_data_dir
 
 TOK = byte_tokenizer()
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "tasks", "gsm8k")), reason="needs ../shared/data")
@@ -61,7 +61,7 @@ def stage_command(stage, lab, tag, *extra):
         "base": ["-m", "scripts.base_train", *BASE],
         "mid": ["-m", "scripts.mid_train", *MID, "--recipe", lab["recipe"]],
         "sft": ["-m", "scripts.chat_sft", *SFT, "--source", "mid", "--recipe", lab["recipe"]],
-        "rl": [os.path.join(REPO, "tests", "rl_ddp_worker.py"), *RL],
+        "rl": [os.path.join(REPO, "tests", "helpers", "rl_ddp_worker.py"), *RL],
     }[stage]
     return [str(a) for a in (*argv, "--model-tag", tag, *extra)]
 

@@ -2,7 +2,7 @@
 tasks/: parsing and answer checking on real items of the shared data, mixtures, recipes, and
 the loading rules (local files, then the hub, else a one-line error naming the task and path).
 
-The shared data is found at ../shared/data from the repository (or $NANOCHAT_SHARED_DATA); the
+The shared data is found at ../shared/data from the repository (helpers/scripts_util.py); the
 data tests skip when it is absent. The hub is never contacted: the hub path is exercised with a
 stand-in `datasets` module.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.scripts_util import SHARED_DATA
 from nanochat.common import NanochatError
 from nanochat.execution import run_tool_call
 from tasks.arc import ARC, arc_row_from_original
@@ -30,7 +31,7 @@ from tasks.recipe import load_recipe
 from tasks.smoltalk import TEST_EVERY, SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-SHARED = Path(os.environ.get("NANOCHAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(SHARED_DATA)
 REPO = Path(__file__).resolve().parents[1]
 needs_shared = pytest.mark.skipif(not (SHARED / "tasks").is_dir(), reason=f"shared data not found at {SHARED}")
 

@@ -5,22 +5,16 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def find_shared_data():
-    """The real data sets (shared/data of this workplace): $NANOCHAT_SHARED_DATA, else ../shared/data
-    beside the repository, else /work/shared/data (where CI's clean clone may live elsewhere).
-    Tests that need it skip when none exists."""
-    candidates = [os.environ.get("NANOCHAT_SHARED_DATA"), os.path.join(REPO, "..", "shared", "data"), "/work/shared/data"]
-    for c in candidates:
-        if c and os.path.isdir(c):
-            return os.path.abspath(c)
-    return os.path.abspath(candidates[1])
+    """The real data sets: shared/data beside the repository (<repo>/../shared/data), the one place
+    tests look. Tests that need it skip when it is absent."""
+    return os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
 
 
 SHARED_DATA = find_shared_data()
-os.environ.setdefault("NANOCHAT_SHARED_DATA", SHARED_DATA)  # for tests that read the variable directly
 
 
 def run_script(module, *args, env, timeout=600, check=True):

@@ -25,7 +25,7 @@ from conftest import byte_tokenizer
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CYCLE = "abcdefghijklmnopqrstuvwxyz "
 
 

@@ -2,7 +2,7 @@
 Runs evaluate_core under torchrun (used by tests/test_core_eval.py): items are striped over the
 ranks and the counts all-reduced, so every rank must report exactly what one process reports.
 
-    torchrun --standalone --nproc_per_node=2 tests/core_eval_ddp_worker.py EVAL_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node=2 tests/helpers/core_eval_ddp_worker.py EVAL_DIR OUT_DIR
 
 writes OUT_DIR/rank{r}.json = evaluate_core's result on rank r, for the model of make_model() and the
 tokenizer of make_tokenizer(), evaluated on the CPU (gloo).
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.core_eval import evaluate_core

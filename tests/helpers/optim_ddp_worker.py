@@ -6,7 +6,7 @@ gradients (reduce-scatter / all-gather inside MuonAdamW.step); in one process, t
 world_size=1, accum=W) runs gradient accumulation over the same rows, which must give the same
 losses and parameters.
 
-    torchrun --standalone --nproc_per_node=2 tests/optim_ddp_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node=2 tests/helpers/optim_ddp_worker.py OUT_DIR
 
 writes OUT_DIR/rank{r}.pt = {config name: {"plain": run, "resumed": run}} where a run is
 train()'s dict and "resumed" stops after RESUME_AT steps, round-trips model and optimizer state
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from nanochat.common import compute_cleanup, compute_init  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402

@@ -2,7 +2,7 @@
 Runs scripts/chat_rl.py under torchrun with GSM8K's judge replaced by a length-parity rule (a
 random model then gets mixed groups, so every part of the update runs), for tests/test_rl.py:
 
-    torchrun --standalone --nproc_per_node=2 tests/rl_ddp_worker.py CHAT_RL_ARGS...
+    torchrun --standalone --nproc_per_node=2 tests/helpers/rl_ddp_worker.py CHAT_RL_ARGS...
 
 One run per process: a second init_process_group in the same torchrun workers can pick up the
 first group's rendezvous keys from torchrun's store and hang.
@@ -11,7 +11,7 @@ first group's rendezvous keys from torchrun's store and hang.
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from scripts import chat_rl  # noqa: E402
 from tasks.gsm8k import GSM8K  # noqa: E402
