@@ -299,3 +299,28 @@ def test_shared_flags_have_one_name_in_every_stage(base_dir):
     assert base_train.parse_args(["--device-batch-size", "auto"]).device_batch_size == "auto"
     with pytest.raises(NanochatError, match="--device-batch-size auto"):
         chat_sft.parse_args(["--device-batch-size", "auto"])
+
+
+# ------------------------------------------------------------------------------------------------ early stopping
+
+
+@pytest.mark.slow
+@needs_data
+def test_early_stopping_keeps_the_best_checkpoint_and_resumes(lab):
+    """--early-stop-min-delta so large that only the first evaluation counts as an improvement: the
+    run stops after --early-stop-patience 2 more, keeps the best step past --keep-last 1, and a run
+    stopped (SIGTERM hook) in between resumes to the same evaluations and the same stop."""
+    flags = ["--num-iterations", 20, "--eval-every", 1, "--early-stop-patience", 2, "--early-stop-min-delta", 100, "--keep-last", 1]
+    ref = run("base", lab, "es-ref", *flags)
+    assert "early stop: no improvement in 2 evaluations; best" in ref.stdout
+    ckpt = checkpoint_dir("base", "es-ref", str(lab["base"]))
+    assert list_steps(ckpt) == [1, 3]  # the best (step 1) and the last
+    assert load_meta(ckpt, 3)["loop_state"]["best"]["step"] == 1
+    stopped = run("base", lab, "es-cut", *flags, "--stop-at-step", 2, check=False)
+    assert stopped.returncode == 143
+    run("base", lab, "es-cut", *flags, "--resume")
+    strip = [{k: v for k, v in r.items() if k not in NOT_EXACT} for r in rows(lab, "base", "es-ref")]
+    assert strip == [{k: v for k, v in r.items() if k not in NOT_EXACT} for r in rows(lab, "base", "es-cut")]
+    assert max(r["step"] for r in strip if "loss" in r) == 3
+    diverged = run("base", lab, "es-div", "--num-iterations", 20, "--eval-every", 1, "--divergence-threshold", 0.5)
+    assert "past --divergence-threshold 0.5" in diverged.stdout and list_steps(checkpoint_dir("base", "es-div", str(lab["base"]))) == [1]
