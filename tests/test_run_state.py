@@ -324,3 +324,19 @@ def test_early_stopping_keeps_the_best_checkpoint_and_resumes(lab):
     assert max(r["step"] for r in strip if "loss" in r) == 3
     diverged = run("base", lab, "es-div", "--num-iterations", 20, "--eval-every", 1, "--divergence-threshold", 0.5)
     assert "past --divergence-threshold 0.5" in diverged.stdout and list_steps(checkpoint_dir("base", "es-div", str(lab["base"]))) == [1]
+
+
+def test_an_unwritable_checkpoint_directory_fails_before_training(base_dir, monkeypatch):
+    """A read-only (or full) disk is found at start, as one error naming the directory, not at the
+    first save hours in."""
+    import nanochat.training
+    from scripts import base_train
+
+    TOK.save(base_dir / "tokenizer")
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(nanochat.training, "atomic_write_bytes", read_only)
+    with pytest.raises(NanochatError, match=r"cannot write checkpoints to .*checkpoints/base/d1: Read-only file system"):
+        base_train.main([str(a) for a in BASE] + ["--device-type", "cpu"])
