@@ -303,12 +303,17 @@ class RunState:
         model = run.load_model()                           # own checkpoint when resuming, else the parent's
         ...                                                # the stage's data, optimizer
         run.start(model, optimizer, loader)                # load optimizer / loader / RNG state on resume
+        def evaluate():
+            with run.evaluating(): ...                     # eval mode, interruptible, RNG untouched
+            return run.early_stop(val)                     # True: --early-stop-patience / --divergence-threshold
         for step in run.steps(num_iterations):             # LR schedule set; save every --save-every
-            if run.due(args.eval_every): with run.evaluating(): ...
+            if run.due(args.eval_every) and evaluate():
+                break
             loss, grad_norm = run.train_step(batches)
             run.log_step(loss, tokens)
-        with run.evaluating(): ...                         # final evaluation
-        run.finish(metric=...)                             # final checkpoint, report card, clean-up
+        else:
+            evaluate()                                     # final evaluation
+        run.finish(metric=...)                             # final checkpoint, registry, report card, clean-up
 
     Rules: a fresh run refuses a model tag that holds another run's checkpoints unless --overwrite
     (or --resume); keep-last pruning deletes only this run's steps; SIGTERM / SIGINT (or
