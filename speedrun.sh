@@ -7,6 +7,10 @@
 #   NPROC=4 DEPTH=12 RUN=my-d12 bash speedrun.sh
 #   SKIP_RL=1 bash speedrun.sh                # no RL phase
 #
+# On a bare node, runs/setup.sh checks the prerequisites (python3 >= 3.10 with venv; Rust, which it
+# installs with rustup when missing, unless NANOCHAT_WHEEL names a prebuilt wheel), then makes .venv;
+# docs/cloud.md lists what the node must have. NANOCHAT_SETUP=0 uses the python on PATH as it is.
+#
 # Every stage is resumable: a stage that completed is skipped when the recipe is re-run (markers in
 # $NANOCHAT_BASE_DIR/stages/), and base training resumes from its latest checkpoint. FORCE=1 redoes
 # every stage. runs/runcpu.sh runs this same recipe at toy scale on a CPU by setting the variables below.
@@ -39,6 +43,7 @@ case "$PHASE" in all | tok | base | mid | sft | rl | eval) ;; *)
     exit 2
     ;;
 esac
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC=$NPROC; expected a positive integer" >&2; exit 2; }
 
 source runs/setup.sh
 source runs/stages.sh
@@ -48,9 +53,12 @@ fi
 
 want() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
 
-# Run a stage script on NPROC processes (torchrun) or one plain process.
+# Run a stage script on NPROC processes or one plain process. torchrun --standalone: a single-node
+# rendezvous on a free local port; the ranks pick NCCL on GPUs and gloo on CPU (compute_init), so
+# NPROC=2 on a laptop runs the same code path as NPROC=8 on the node (tests/test_speedrun.py).
 launch() {
     if [ "$NPROC" -gt 1 ]; then
+        echo "== torchrun --standalone --nproc_per_node=$NPROC -m $*"
         torchrun --standalone --nproc_per_node="$NPROC" -m "$@"
     else
         python -m "$@"

@@ -5,6 +5,7 @@
 #   bash scripts/launch_shadeform.sh --phase all         # cheapest available 8xH100, whole speedrun
 #   bash scripts/launch_shadeform.sh --phase base --upload runs/my-d20 --out runs/my-d20 --env DEPTH=20
 #   bash scripts/launch_shadeform.sh --phase all --dry-run   # print every request and command, run none
+#   bash scripts/launch_shadeform.sh --phase all --wheel nanochat-0.1.0-cp312-cp312-manylinux_2_34_x86_64.whl
 #
 # Steps: pick the instance type (--gpu, --num-gpus; the cheapest available unless --cloud/--region
 # pin it), register the local SSH key if Shadeform does not know it, create the instance, poll
@@ -12,6 +13,12 @@
 # phases), start `PHASE=<phase> bash speedrun.sh` detached on the instance (setsid + nohup: it
 # survives a dropped connection), stream its log, copy checkpoints, tokenizer and report back to
 # --out, delete the instance.
+#
+# Preflight, before anything is rented: a phase after tok starts from the earlier phases' files,
+# which only --upload brings (base: the tokenizer; mid: + the base checkpoint; sft: + mid; rl: + sft;
+# eval: the report records); without them the launch stops with a one-line reason and no API call.
+# On the instance, speedrun.sh sets up the bare node itself (runs/setup.sh: python3 venv, Rust via
+# rustup unless --wheel brings a prebuilt wheel of the project; docs/cloud.md, "A bare node").
 #
 # The instance is deleted on every exit path: success, failure, Ctrl-C (INT), TERM, and the
 # --max-hours guard (a watchdog that stops everything when the time is up). As a backstop the
@@ -46,6 +53,7 @@ NAME=""
 OUT=""
 UPLOAD=""
 DOWNLOAD=all
+WHEEL=""
 DRY_RUN=0
 EXTRA_ENV=()
 
@@ -69,6 +77,8 @@ usage: $0 --phase {all,tok,base,mid,sft,rl,eval} [options]
   --upload DIR         a local base dir (the --out of an earlier phase) copied to the instance first
   --download WHAT      all (checkpoints, tokenizer, report, logs) | report (report and logs) | none (default: all)
   --env K=V            extra environment for speedrun.sh, e.g. --env DEPTH=26 (repeatable)
+  --wheel PATH         a prebuilt nanochat wheel (maturin build --release, for the instance's Python
+                       and platform) installed there instead of building the Rust crate: no Rust needed
   --dry-run            print every API request and command without running any
 EOF
 }
@@ -96,6 +106,7 @@ while [ $# -gt 0 ]; do
         --upload) UPLOAD=${2:?--upload needs a value}; shift 2 ;;
         --download) DOWNLOAD=${2:?--download needs a value}; shift 2 ;;
         --env) EXTRA_ENV+=("${2:?--env needs K=V}"); shift 2 ;;
+        --wheel) WHEEL=${2:?--wheel needs a value}; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument $1" ;;
@@ -127,6 +138,32 @@ for kv in ${EXTRA_ENV[@]+"${EXTRA_ENV[@]}"}; do
     [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env $kv: expected NAME=value"
 done
 [ -z "$UPLOAD" ] || [ -d "$UPLOAD" ] || die "--upload $UPLOAD: no such directory"
+if [ -n "$WHEEL" ]; then
+    [ -f "$WHEEL" ] || die "--wheel $WHEEL: no such file"
+    [[ "$(basename "$WHEEL")" =~ ^nanochat-[^-]+-cp[0-9]+-.*\.whl$ ]] || die "--wheel $WHEEL: not a nanochat wheel (nanochat-VERSION-cpXY-ABI-PLATFORM.whl, from maturin build --release)"
+fi
+# Preflight: a fresh instance has nothing but the repository, so a phase after tok needs the earlier
+# phases' files in --upload; without them speedrun.sh would fail on the instance after the boot
+# and the upload were paid for. Every missing input is named in one line, before any API call.
+MISSING=()  # "what|where": what the phase needs, and the path under --upload that holds it
+has() { [ -n "$UPLOAD" ] && compgen -G "$UPLOAD/$1" >/dev/null; }
+need_tokenizer() { has tokenizer/tokenizer.tiktoken && has tokenizer/tokenizer.json || MISSING+=("the tokenizer|tokenizer/"); }
+need_checkpoint() { has "checkpoints/$1/*/step_*[0-9]/model.pt" || MISSING+=("the $1 checkpoint|checkpoints/$1/"); }
+case "$PHASE" in
+    base) need_tokenizer ;;
+    mid) need_tokenizer; need_checkpoint base ;;
+    sft) need_tokenizer; need_checkpoint mid ;;
+    rl) need_tokenizer; need_checkpoint sft ;;
+    eval) has "report/*.json" || MISSING+=("the earlier phases' report records|report/") ;;
+esac
+if [ ${#MISSING[@]} -gt 0 ]; then
+    what=${MISSING[0]%%|*} where=${MISSING[0]#*|}
+    for m in "${MISSING[@]:1}"; do what+=" and ${m%%|*}"; where+=" and ${m#*|}"; done
+    if [ -z "$UPLOAD" ]; then
+        die "--phase $PHASE needs $what: pass --upload <base dir with $where> (the --out of the earlier phases' launch)"
+    fi
+    die "--phase $PHASE needs $what: --upload $UPLOAD has no $where (the --out of the earlier phases' launch, with --download all)"
+fi
 if [ -z "$SSH_KEY" ]; then
     for k in "$HOME/.ssh/id_ed25519" "$HOME/.ssh/id_rsa"; do
         if [ -f "$k" ]; then SSH_KEY=$k; break; fi
@@ -147,6 +184,7 @@ OUT=${OUT:-shadeform-runs/$NAME}
 START=$SECONDS
 REMOTE_REPO=nanochat              # relative to the remote home directory
 REMOTE_BASE=.cache/nanochat       # NANOCHAT_BASE_DIR on the instance (the library's default)
+REMOTE_WHEELS=nanochat-wheels     # --wheel goes here, beside the repository (whose rsync deletes strays)
 LOG=$REMOTE_BASE/launch-$PHASE.log
 EXIT_FILE=$REMOTE_BASE/launch-$PHASE.exit
 
@@ -400,6 +438,11 @@ if [ -n "$UPLOAD" ]; then
     xfer -az --exclude 'launch-*.exit' -e "$RSYNC_SSH" "$UPLOAD/" "$HOST:$REMOTE_BASE/"
 fi
 envs="PHASE=$PHASE NPROC=$NUM_GPUS NANOCHAT_BASE_DIR=\$HOME/$REMOTE_BASE"
+if [ -n "$WHEEL" ]; then
+    log "copying $WHEEL to $HOST:$REMOTE_WHEELS"
+    xfer -az -e "$RSYNC_SSH" "$WHEEL" "$HOST:$REMOTE_WHEELS/"  # rsync creates the one missing directory
+    envs+=" NANOCHAT_WHEEL=\$HOME/$REMOTE_WHEELS/$(quote "$(basename "$WHEEL")")"
+fi
 for kv in ${EXTRA_ENV[@]+"${EXTRA_ENV[@]}"}; do
     envs+=" ${kv%%=*}=$(quote "${kv#*=}")"
 done

@@ -4,7 +4,8 @@ and fake ssh/rsync on PATH that turn a local directory into the "instance": the 
 (type choice, SSH key, create, pending -> active, upload, detached run, log streaming, download,
 delete), and every failure path: a failing phase, bad API key, quota error, an instance that never
 becomes active, no instance available, Ctrl-C, the --max-hours guard. After each, no instance may
-be left running.
+be left running. The preflight (a phase without the earlier phases' files in --upload) refuses
+before a single API call.
 """
 
 import datetime
@@ -27,6 +28,7 @@ PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyMaterialForTests0000000000
 STUB_SPEEDRUN = """#!/usr/bin/env bash
 # stands in for speedrun.sh on the fake instance
 echo "stub speedrun: PHASE=$PHASE NPROC=$NPROC DEPTH=${DEPTH:-} X=${X:-}"
+echo "stub speedrun: wheel ${NANOCHAT_WHEEL:-none}"
 mkdir -p "$NANOCHAT_BASE_DIR/report" "$NANOCHAT_BASE_DIR/checkpoints/base/d4"
 echo "# report for $PHASE" > "$NANOCHAT_BASE_DIR/report/report.md"
 echo weights > "$NANOCHAT_BASE_DIR/checkpoints/base/d4/model.pt"
@@ -39,10 +41,28 @@ exit ${STUB_RC:-0}
 """
 
 
+def earlier_phases(directory, stages=("base", "mid", "sft"), tokenizer=True, report=True):
+    """A base dir laid out like the --out of earlier launches: what the preflight looks for."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        (directory / "tokenizer").mkdir()
+        (directory / "tokenizer" / "tokenizer.tiktoken").write_text("IQ== 0\n")
+        (directory / "tokenizer" / "tokenizer.json").write_text("{}")
+    for stage in stages:
+        step = directory / "checkpoints" / stage / "d4" / "step_000010"
+        step.mkdir(parents=True)
+        (step / "model.pt").write_text("weights")
+    if report:
+        (directory / "report").mkdir()
+        (directory / "report" / "base_train.json").write_text("{}")
+    return directory
+
+
 @pytest.fixture
 def launch(tmp_path):
     """A copy of the launch script in a tiny repo (its speedrun.sh a stub), a fake machine directory,
-    fake ssh/rsync (and python3) first on PATH, a throwaway SSH key pair."""
+    fake ssh/rsync (and python3) first on PATH, a throwaway SSH key pair, and an --upload dir with
+    every earlier phase's files (passed unless a test gives its own --upload or upload=None)."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "scripts" / "launch_shadeform.sh")
@@ -64,6 +84,7 @@ def launch(tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHADEFORM", "NANOCHAT"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", HOME=str(home), FAKE_REMOTE_HOME=str(remote), FAKE_LOG=str(tmp_path / "fake.log"), SHADEFORM_API_KEY="test-key")
+    earlier = earlier_phases(tmp_path / "earlier")
 
     class Launch:
         out = tmp_path / "out"
@@ -71,7 +92,9 @@ def launch(tmp_path):
         def __init__(self):
             self.tmp, self.remote, self.env = tmp_path, remote, env
 
-        def args(self, *extra, phase="base"):
+        def args(self, *extra, phase="base", upload=earlier):
+            if upload and "--upload" not in extra:
+                extra += ("--upload", upload)
             return ["bash", str(repo / "scripts" / "launch_shadeform.sh"), "--phase", phase, "--ssh-key", str(key), "--poll-seconds", "0.1", "--boot-timeout-min", "0.5", "--out", str(self.out), *map(str, extra)]
 
         def run(self, server, *extra, env=None, timeout=90, **kw):
@@ -98,15 +121,14 @@ def assert_nothing_running(server):
 
 
 def test_launch_runs_the_phase_streams_downloads_and_deletes(launch):
-    upload = launch.tmp / "previous"
-    (upload / "tokenizer").mkdir(parents=True)
-    (upload / "tokenizer" / "tokenizer.json").write_text("{}")
+    upload = earlier_phases(launch.tmp / "previous", stages=(), report=False)  # the tokenizer: what base needs
     with FakeShadeform(launch.remote, active_after=2) as server:
         t0 = datetime.datetime.now(datetime.timezone.utc)
         proc = launch.run(server, "--upload", upload, "--env", "DEPTH=12", "--env", "X=it's a test", "--max-hours", 2)
         assert proc.returncode == 0, proc.stderr
         # the phase ran on the instance with the environment, and its log was streamed
         assert "stub speedrun: PHASE=base NPROC=8 DEPTH=12 X=it's a test" in proc.stdout
+        assert "stub speedrun: wheel none" in proc.stdout  # no --wheel: the instance builds the crate
         assert "stub speedrun: done" in proc.stdout
         # the cheapest *available* 8xH100, with the key registered first
         (add,) = server.calls("POST", "/v1/sshkeys/add")
@@ -134,9 +156,15 @@ def test_launch_runs_the_phase_streams_downloads_and_deletes(launch):
 
 def test_known_key_is_reused_and_cloud_region_pin_the_choice(launch):
     known = {"id": "key-7", "name": "laptop", "public_key": PUBKEY.rsplit(" ", 1)[0] + " other-comment", "is_default": True}
+    wheel = launch.tmp / "nanochat-0.1.0-cp312-cp312-manylinux_2_34_x86_64.whl"
+    wheel.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: the name and the file are what travel
     with FakeShadeform(launch.remote, ssh_keys=[known], active_after=0) as server:
-        proc = launch.run(server, "--cloud", "lambdalabs", "--region", "us-west-2", "--download", "report", phase="sft")
+        proc = launch.run(server, "--cloud", "lambdalabs", "--region", "us-west-2", "--download", "report", "--wheel", wheel, phase="sft")
         assert proc.returncode == 0, proc.stderr
+        # the prebuilt wheel went up beside the repository, and speedrun.sh (runs/setup.sh) was told
+        remote_wheel = launch.remote / "nanochat-wheels" / wheel.name
+        assert remote_wheel.read_bytes() == wheel.read_bytes()
+        assert f"stub speedrun: wheel {remote_wheel}" in proc.stdout
         assert server.calls("POST", "/v1/sshkeys/add") == []
         (create,) = server.calls("POST", "/v1/instances/create")
         assert (create[2]["cloud"], create[2]["region"], create[2]["ssh_key_id"]) == ("lambdalabs", "us-west-2", "key-7")
@@ -236,3 +264,62 @@ def test_bad_arguments(launch):
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
     proc = launch.run(None, phase="train")
     assert proc.returncode == 1 and "--phase train: expected one of all, tok, base, mid, sft, rl, eval" in proc.stderr
+
+
+PREFLIGHT = {  # phase -> the one line without --upload
+    "base": "--phase base needs the tokenizer: pass --upload <base dir with tokenizer/> (the --out of the earlier phases' launch)",
+    "mid": "--phase mid needs the tokenizer and the base checkpoint: pass --upload <base dir with tokenizer/ and checkpoints/base/> (the --out of the earlier phases' launch)",
+    "sft": "--phase sft needs the tokenizer and the mid checkpoint: pass --upload <base dir with tokenizer/ and checkpoints/mid/> (the --out of the earlier phases' launch)",
+    "rl": "--phase rl needs the tokenizer and the sft checkpoint: pass --upload <base dir with tokenizer/ and checkpoints/sft/> (the --out of the earlier phases' launch)",
+    "eval": "--phase eval needs the earlier phases' report records: pass --upload <base dir with report/> (the --out of the earlier phases' launch)",
+}
+
+
+def assert_refused_before_renting(launch, server, proc, line):
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: {line}"], proc.stderr
+    assert server.requests == [] and launch.tool_calls("ssh") == [] and launch.tool_calls("rsync") == []
+
+
+@pytest.mark.parametrize("phase", sorted(PREFLIGHT))
+def test_preflight_refuses_a_phase_without_its_inputs(launch, phase):
+    with FakeShadeform(launch.remote) as server:
+        proc = launch.run(server, phase=phase, upload=None)
+        assert_refused_before_renting(launch, server, proc, PREFLIGHT[phase])
+
+
+def test_preflight_names_what_the_upload_lacks(launch):
+    """An --upload with some of the earlier phases: a phase whose inputs are there goes ahead, the next
+    one is refused naming what is missing; a checkpoint cut short (step_N.tmp/) or left behind by
+    --download report does not count."""
+    partial = earlier_phases(launch.tmp / "partial", stages=("base",), report=False)
+    (partial / "checkpoints" / "mid" / "d4" / "step_000005.tmp").mkdir(parents=True)
+    (partial / "checkpoints" / "mid" / "d4" / "step_000005.tmp" / "model.pt").write_text("half")
+    empty = launch.tmp / "empty"
+    empty.mkdir()
+    with FakeShadeform(launch.remote) as server:
+        for phase in ("base", "mid"):  # their inputs are there: the dry run goes through to the end
+            proc = launch.run(server, "--upload", partial, "--dry-run", phase=phase)
+            assert proc.returncode == 0 and f"PHASE={phase} NPROC=8" in proc.stderr, proc.stderr
+        proc = launch.run(server, "--upload", partial, phase="sft")
+        assert_refused_before_renting(launch, server, proc, f"--phase sft needs the mid checkpoint: --upload {partial} has no checkpoints/mid/ (the --out of the earlier phases' launch, with --download all)")
+        proc = launch.run(server, "--upload", partial, phase="eval")
+        assert_refused_before_renting(launch, server, proc, f"--phase eval needs the earlier phases' report records: --upload {partial} has no report/ (the --out of the earlier phases' launch, with --download all)")
+        proc = launch.run(server, "--upload", empty, phase="rl")
+        assert_refused_before_renting(launch, server, proc, f"--phase rl needs the tokenizer and the sft checkpoint: --upload {empty} has no tokenizer/ and checkpoints/sft/ (the --out of the earlier phases' launch, with --download all)")
+        # the refusal holds for a dry run too, and the first phases need nothing
+        proc = launch.run(server, "--dry-run", phase="mid", upload=None)
+        assert proc.returncode == 1 and PREFLIGHT["mid"] in proc.stderr
+        for phase in ("all", "tok"):
+            proc = launch.run(server, "--dry-run", phase=phase, upload=None)
+            assert proc.returncode == 0, proc.stderr
+        assert server.requests == []
+
+
+def test_wheel_is_checked_before_renting(launch):
+    with FakeShadeform(launch.remote) as server:
+        proc = launch.run(server, "--wheel", launch.tmp / "nope.whl")
+        assert_refused_before_renting(launch, server, proc, f"--wheel {launch.tmp / 'nope.whl'}: no such file")
+        other = launch.tmp / "tokenizers-0.20.0-cp312-cp312-manylinux_2_17_x86_64.whl"
+        other.write_bytes(b"")
+        proc = launch.run(server, "--wheel", other)
+        assert_refused_before_renting(launch, server, proc, f"--wheel {other}: not a nanochat wheel (nanochat-VERSION-cpXY-ABI-PLATFORM.whl, from maturin build --release)")
