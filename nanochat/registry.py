@@ -13,7 +13,7 @@ registry is never required to train: RunRecorder turns every registry error into
 
 Tables (schema version SCHEMA_VERSION, migrated on open): runs (one row per run id: name, stage,
 checkpoint, parent, resolved config, git, tokenizer, data recipe, host/device/pid, times, status,
-summary), evals (run id, step, metric, value, n, stderr, interval kind, bucket, source), models
+summary), evals (run id, step, metric, value, n, stderr, interval kind, bucket, source, chance baseline), models
 (NAME:vN -> a checkpoint and the sha256 of its model.pt), aliases (NAME@ALIAS -> a version), notes
 (notes and tags of runs and model versions), reports (the best values each `lab report` saw).
 
@@ -52,7 +52,7 @@ RUN_COLUMNS = (
     "host", "device", "world_size", "pid", "pid_start", "started", "ended", "wall_s", "status", "stop_reason", "summary",
 )
 JSON_COLUMNS = ("config", "summary")
-EVAL_COLUMNS = ("run_id", "step", "metric", "value", "n", "stderr", "kind", "bucket", "source", "time")
+EVAL_COLUMNS = ("run_id", "step", "metric", "value", "n", "stderr", "kind", "bucket", "source", "time", "baseline")
 
 # Each entry moves the schema from version i to i + 1; a new column or table is a new entry.
 MIGRATIONS = [
@@ -83,6 +83,8 @@ MIGRATIONS = [
     );
     CREATE TABLE reports (id INTEGER PRIMARY KEY, time REAL NOT NULL, since REAL, best TEXT NOT NULL);
     """,
+    # 2: the chance score of each evaluation (a model that guesses); rows recorded before stay NULL
+    "ALTER TABLE evals ADD COLUMN baseline REAL",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -190,7 +192,7 @@ def train_evals(run_id, rows):
         for key, value in row.items():
             if TRAIN_EVAL_RE.fullmatch(key) and isinstance(value, (int, float)):
                 out.append({"run_id": run_id, "step": row["step"], "metric": key, "value": float(value), "n": None, "stderr": None,
-                            "kind": None, "bucket": None, "source": "train", "time": None})
+                            "kind": None, "bucket": None, "source": "train", "time": None, "baseline": None})
     return out
 
 
@@ -653,7 +655,7 @@ class RunRecorder:
 def record_evals(ckpt_dir, meta, rows, source):
     """
     Evaluation results of the checkpoint in ckpt_dir (its meta: stage, step, run_id): rows of
-    {"metric", "value", "n", "stderr", "kind", "bucket"} are appended to <ckpt_dir>/run/evals.jsonl
+    {"metric", "value", "n", "stderr", "kind", "bucket", "baseline"} are appended to <ckpt_dir>/run/evals.jsonl
     (what reindex reads) and added to the registry under the run that wrote the checkpoint. Rank 0.
     Never raises: a checkpoint without a run id or an unwritable folder or registry is one line.
     Returns the number of rows recorded.
@@ -696,29 +698,36 @@ def centred_mean_stderr(items):
 
 def chat_eval_rows(results, chatcore):
     """Registry rows of scripts/chat_eval.py results (nanochat.chat_eval.evaluate_task dicts): each
-    task's accuracy and pass@k (k > 1) as proportions of its problems, and ChatCORE with its SE."""
+    task's accuracy and pass@k (k > 1) as proportions of its problems, and ChatCORE with its SE.
+    baseline: the score of a model that guesses (an untrained model's expectation): the task's
+    chance c (the mean of 1 / choices; 0 for a generative task), 1 - (1 - c)^k for pass@k (one of
+    k guesses right), 0 for ChatCORE (centred on chance)."""
     rows = []
     for r in results:
-        rows.append({"metric": r["task"], "value": r["accuracy"], "n": r["problems"], "kind": "proportion"})
-        rows += [{"metric": f"{r['task']} pass@{k}", "value": v, "n": r["problems"], "kind": "proportion"}
+        chance = r["chance"]
+        rows.append({"metric": r["task"], "value": r["accuracy"], "n": r["problems"], "kind": "proportion", "baseline": chance})
+        rows += [{"metric": f"{r['task']} pass@{k}", "value": v, "n": r["problems"], "kind": "proportion", "baseline": 1 - (1 - chance) ** int(k)}
                  for k, v in (r.get("pass_at_k") or {}).items() if int(k) != 1]
     if chatcore is not None:
         se = centred_mean_stderr([(r["accuracy"], r["chance"], r["problems"]) for r in results])
         n = sum(r["problems"] for r in results)
-        rows.append({"metric": "ChatCORE", "value": chatcore, "n": n, "stderr": se, "kind": "mean" if se is not None else None})
+        rows.append({"metric": "ChatCORE", "value": chatcore, "n": n, "stderr": se, "kind": "mean" if se is not None else None, "baseline": 0.0})
     return rows
 
 
 def base_eval_rows(report):
     """Registry rows of a scripts/base_eval.py report: CORE with its SE and each CORE task's
     accuracy (a proportion of its items; nanochat.core_eval.evaluate_core), and train / val bpb
-    (n: the tokens evaluated; no interval: the tokens of a document are not independent)."""
+    (n: the tokens evaluated; no interval: the tokens of a document are not independent).
+    baseline: a task's random baseline (the accuracy of guessing, the one CORE centres with), 0
+    for CORE itself; none for bpb (no model-free value of the same tokens is measured)."""
     rows = []
     if "core" in report:
         tasks = report["core"]["results"]
         se = centred_mean_stderr([(t["accuracy"], t["random_baseline"], t["num_items"]) for t in tasks.values()])
         n = sum(t["num_items"] for t in tasks.values())
-        rows.append({"metric": "CORE", "value": report["core"]["core"], "n": n, "stderr": se, "kind": "mean" if se is not None else None})
-        rows += [{"metric": f"CORE {label}", "value": t["accuracy"], "n": t["num_items"], "kind": "proportion"} for label, t in tasks.items()]
+        rows.append({"metric": "CORE", "value": report["core"]["core"], "n": n, "stderr": se, "kind": "mean" if se is not None else None, "baseline": 0.0})
+        rows += [{"metric": f"CORE {label}", "value": t["accuracy"], "n": t["num_items"], "kind": "proportion", "baseline": t["random_baseline"]}
+                 for label, t in tasks.items()]
     rows += [{"metric": f"{split}_bpb", "value": r["bpb"], "n": r["tokens"]} for split, r in report.get("bpb", {}).items()]
     return rows

@@ -1,6 +1,7 @@
 """
 The report card of a run: every stage records its section with one call, and `generate` turns the
-sections, the evaluation files and the metrics logs into one markdown file with loss curves.
+sections, the evaluation files and the metrics logs into one markdown file with loss curves (and,
+where the run registry exists, the lab's compare table of the stages' runs: nanochat/lab.py).
 
     from nanochat import report
     report.log_stage("base_train", args=vars(args), metrics={"final_val_bpb": bpb}, metrics_file=logger.path)
@@ -25,6 +26,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import platform
 import re
@@ -47,6 +49,20 @@ CURVES = (("train loss", "loss"), ("val loss", "val_loss"), ("val bpb", "val_bpb
 # Keys of a metrics.jsonl whose last value the stage summary keeps.
 FINAL_KEYS = ("loss", "val_loss", "val_bpb", "core", "reward", "eval_pass@1")
 RESERVED_FILES = ("header.json", "base-eval.json")
+
+
+def resolve_price(price=None):
+    """USD per GPU-hour: price, else $NANOCHAT_GPU_HOUR_PRICE, else DEFAULT_GPU_HOUR_PRICE. Raises
+    NanochatError for a value that is not a finite number >= 0."""
+    if price is None:
+        env = os.environ.get(PRICE_ENV)
+        try:
+            price = float(env) if env else DEFAULT_GPU_HOUR_PRICE
+        except ValueError:
+            raise NanochatError(f"${PRICE_ENV}={env!r} is not a number (USD per GPU-hour)") from None
+    if not (price >= 0 and math.isfinite(price)):
+        raise NanochatError(f"--gpu-hour-price {price} must be a number >= 0")
+    return price
 
 
 def report_dir(base_dir=None):
@@ -231,7 +247,9 @@ def _read_json(path):
         raise NanochatError(f"cannot read report file {path}: {e}") from None
 
 
-def _fmt(value, digits=4):
+def fmt(value, digits=4):
+    """A number for a markdown table: "-" for None, thousands separators, 4 decimals (digits), and
+    scientific notation below 1e-3 or from 1e5 on."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -258,7 +276,7 @@ def markdown_table(rows, columns=None):
         return "(empty)"
     columns = columns or list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -318,8 +336,36 @@ def eval_table(d):
     extra = sorted(n for n in names if n not in rows and n != "ChatCORE" and n not in tasks)
     rows += [n for n in ["ChatCORE"] + tasks if n in names and n not in rows] + extra
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += ["| " + r + " | " + " | ".join(_fmt(cells.get((r, c))) for c in columns) + " |" for r in rows]
+    lines += ["| " + r + " | " + " | ".join(fmt(cells.get((r, c))) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def stages_compare(base_dir, gpu_hour_price):
+    """
+    The lab's compare table (nanochat.lab.compare) of the stages of this base dir: the newest run
+    in the run registry of each stage of EVAL_SOURCES (base, mid, sft, rl) whose checkpoints lie
+    under <base_dir>/checkpoints, the first of them the reference. Markdown, or None when there is
+    no registry ($NANOCHAT_REGISTRY=off, or no file) or no such run. A registry that cannot be
+    read is one line in the table's place: the report card never fails on it.
+    """
+    from nanochat import lab  # nanochat.lab (and the registry) build on this module: imported here, not at the top
+    from nanochat.registry import Registry, registry_path
+
+    path = registry_path(None, base_dir)
+    if path is None or not os.path.isfile(path):
+        return None
+    root = os.path.realpath(os.path.join(base_dir, "checkpoints"))
+    try:
+        with Registry(path, readonly=True) as reg:
+            newest = {r["stage"]: r for r in reg.runs() if r.get("ckpt_dir") and os.path.realpath(r["ckpt_dir"]).startswith(root + os.sep)}
+            runs = [newest[stage] for stage in EVAL_SOURCES if stage in newest]
+            if not runs:
+                return None
+            table = lab.format_compare(lab.compare(reg, runs, gpu_hour_price))
+    except NanochatError as e:
+        return f"(the run registry could not be read: {e})"
+    names = " ".join(lab.ref_name(r) for r in runs)
+    return f"The newest registered run of each stage (`python -m scripts.lab compare {names}`).\n\n{table}"
 
 
 def metrics_files(base_dir, records):
@@ -380,21 +426,15 @@ def plot_curves(label, path, out_png):
 def generate(base_dir=None, gpu_hour_price=None):
     """
     Write <base_dir>/report/report.md (and one curves-<label>.png per metrics file) from the stage
-    records, the evaluation files and the metrics logs. gpu_hour_price: USD per GPU-hour (default
+    records, the evaluation files, the metrics logs and, where a run registry exists, the compare
+    table of the stages' runs (stages_compare). gpu_hour_price: USD per GPU-hour (default
     $NANOCHAT_GPU_HOUR_PRICE, else DEFAULT_GPU_HOUR_PRICE). Returns the report path. Raises
     NanochatError for an unreadable record or a bad price.
     """
     base_dir = base_dir or get_base_dir()
     d = report_dir(base_dir)
     os.makedirs(d, exist_ok=True)
-    if gpu_hour_price is None:
-        env = os.environ.get(PRICE_ENV)
-        try:
-            gpu_hour_price = float(env) if env else DEFAULT_GPU_HOUR_PRICE
-        except ValueError:
-            raise NanochatError(f"${PRICE_ENV}={env!r} is not a number (USD per GPU-hour)") from None
-    if not gpu_hour_price >= 0:
-        raise NanochatError(f"--gpu-hour-price {gpu_hour_price} must be >= 0")
+    gpu_hour_price = resolve_price(gpu_hour_price)
     header = _read_json(os.path.join(d, "header.json")) if os.path.isfile(os.path.join(d, "header.json")) else {}
     records = load_stages(d)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -425,7 +465,7 @@ def generate(base_dir=None, gpu_hour_price=None):
             total_time += wall or 0
             total_cost += cost
             name, value = final_loss(m)
-            loss = f"{name} {_fmt(value)}" if name else "-"
+            loss = f"{name} {fmt(value)}" if name else "-"
             mfu = f"{100 * m['mfu']:.1f}%" if isinstance(m.get("mfu"), (int, float)) else "-"
             tps = f"{m['tok_per_s']:,.0f}" if isinstance(m.get("tok_per_s"), (int, float)) else "-"
             lines.append(f"| {r['stage']} | {_duration(wall)} | {gpus} | {tps} | {mfu} | {loss} | ${cost:,.2f} |")
@@ -436,6 +476,9 @@ def generate(base_dir=None, gpu_hour_price=None):
     table = eval_table(d)
     if table:
         lines += ["## Evaluation", "", table, ""]
+    table = stages_compare(base_dir, gpu_hour_price)
+    if table:
+        lines += ["## Stages compared (run registry)", "", table, ""]
 
     # ------------------------------------------------------------------ curves
     pngs = []
@@ -456,7 +499,7 @@ def generate(base_dir=None, gpu_hour_price=None):
             lines.append(f"- command: `{r['command']}`")
         lines.append("")
         if r.get("metrics"):
-            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r["metrics"].items()] + [""]
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in r["metrics"].items()] + [""]
         for title, t in (r.get("tables") or {}).items():
             lines += [f"### {title}", "", t if isinstance(t, str) else markdown_table(t), ""]
         if r.get("args"):

@@ -12,7 +12,9 @@ meanings and worked examples: docs/lab.md.
     python -m scripts.lab alias chat@prod v1                       # move an alias
     python -m scripts.lab models [chat]                            # versions and aliases
     python -m scripts.lab note e003 "lr too high" | tag e003 baseline | note chat:v1 "shipped"
-    python -m scripts.lab report [--since 24h] [--out lab.md]      # runs, bests and deltas, GPU-hours and cost
+    python -m scripts.lab report [--since 24h] [--out lab.md]      # runs, bests and deltas, cost, stale data, analyzer warnings
+
+The computations on registry rows (compare and its statistics) live in nanochat/lab.py.
 
 RUN is a run id (or a unique prefix of 4+ characters), a run name (the newest run of that name), or
 the path of a checkpoint directory (or one of its step_* directories). Every verb takes --json
@@ -22,7 +24,6 @@ stderr, exit 1.
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -31,295 +32,24 @@ from collections import Counter
 from nanochat import analysis
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import NanochatError, get_base_dir, run_main
-from nanochat.registry import Registry, iso, now, read_jsonl, reindex
-from nanochat.report import DEFAULT_GPU_HOUR_PRICE, PRICE_ENV, final_loss, markdown_table, summarize_metrics
+from nanochat.lab import (
+    LOWER_IS_BETTER,
+    compare,
+    final_metric,
+    format_compare,
+    gpu_hours,
+    interval,
+    latest_evals,
+    metrics_path,
+    parent_evals,
+    ref_name,
+    train_curves,
+)
+from nanochat.registry import Registry, file_hash, iso, now, read_jsonl, reindex
+from nanochat.report import DEFAULT_GPU_HOUR_PRICE, PRICE_ENV, fmt, markdown_table, resolve_price
 
-Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
-# Evaluation metrics where lower is better (losses, bits per byte); every other metric: higher is better.
-LOWER_IS_BETTER = re.compile(r".*(loss|bpb).*")
 CURVE_KEYS = ("loss", "val_bpb", "val_loss", "eval_pass@1", "core", "reward")  # panels of `curves`, when present
-
-
-# -----------------------------------------------------------------------------
-# Statistics: intervals, winners, the compute multiplier
-
-
-def wilson(p, n, z=Z95):
-    """
-    Wilson score interval of a binomial proportion p observed on n trials (Wilson 1927, "Probable
-    inference, the law of succession, and statistical inference"): center (p + z^2/2n) / (1 + z^2/n),
-    half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n). Unlike p +- z sqrt(p(1-p)/n) it stays
-    inside [0, 1] and is not zero-width at p = 0 or 1. Returns (lo, hi).
-    """
-    if n <= 0:
-        raise ValueError(f"wilson: n must be > 0, got {n}")
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def interval(ev):
-    """The 95% interval of an evals row: Wilson for a proportion with its n, else value +- z SE where
-    a standard error is known, else None."""
-    if ev.get("value") is None:
-        return None
-    if ev.get("kind") == "proportion" and ev.get("n"):
-        return wilson(ev["value"], ev["n"])
-    if ev.get("stderr") is not None:
-        return ev["value"] - Z95 * ev["stderr"], ev["value"] + Z95 * ev["stderr"]
-    return None
-
-
-def winner(cells, lower_is_better):
-    """
-    The index of the best cell ({"value", "lo", "hi"} or None per run), or "tie" when the best one's
-    interval overlaps another's (a cell without an interval is the point [value, value]; two equal
-    points overlap), or None with fewer than two values.
-    """
-    have = [(i, c) for i, c in enumerate(cells) if c is not None and c.get("value") is not None]
-    if len(have) < 2:
-        return None
-    best_i, best = min(have, key=lambda ic: ic[1]["value"] if lower_is_better else -ic[1]["value"])
-
-    def bounds(c):
-        return (c["lo"], c["hi"]) if c.get("lo") is not None else (c["value"], c["value"])
-
-    lo, hi = bounds(best)
-    for i, c in have:
-        if i != best_i:
-            o_lo, o_hi = bounds(c)
-            if o_lo <= hi and lo <= o_hi:
-                return "tie"
-    return best_i
-
-
-def _loglog_fit(points):
-    """OLS line log(y) = a + b log(x) through points [(x, y)]; returns (a, b)."""
-    xs, ys = [math.log(x) for x, _ in points], [math.log(y) for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b
-
-
-def flops_to_reach(curve, target):
-    """
-    The FLOPs at which a run's val bpb curve [(flops, bpb)] first reaches target: linear
-    interpolation in log(flops)-log(bpb) between the evaluations around the first one at or below
-    target (a power law bpb = a F^-b is a straight line there, so it is exact on one). Outside the
-    curve the line is extrapolated: an OLS fit in log-log over the first half of the evaluations
-    (target above the first one) or the last half (target never reached). Returns (flops,
-    extrapolated), or (None, True) when the fitted line does not fall (it never reaches target).
-    """
-    curve = sorted((f, v) for f, v in curve if f > 0 and v > 0)
-    if len(curve) < 2 or target <= 0:
-        return (curve[0][0], False) if len(curve) == 1 and curve[0][1] == target else (None, True)
-    for i, (f, v) in enumerate(curve):
-        if v <= target:
-            if v == target:
-                return f, False
-            if i == 0:
-                break
-            (f0, v0), (f1, v1) = curve[i - 1], curve[i]
-            t = (math.log(target) - math.log(v0)) / (math.log(v1) - math.log(v0))
-            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))), False
-    half = max(2, len(curve) // 2)
-    a, b = _loglog_fit(curve[:half] if curve[0][1] <= target else curve[-half:])
-    if b >= 0:
-        return None, True
-    return math.exp((math.log(target) - a) / b), True
-
-
-def compute_multiplier(first, other):
-    """
-    Compute multiplier at matched val bpb of two base runs' curves [(flops, bpb)]: the FLOPs the
-    first run needs to reach the other's final bpb, divided by the FLOPs the other spent on it.
-    Above 1: the other run gets there with less compute. Returns {"target_bpb", "flops_other",
-    "flops_first", "multiplier", "extrapolated"} or None when a curve is empty.
-    """
-    if not first or not other:
-        return None
-    flops_other, target = max(other)
-    flops_first, extrapolated = flops_to_reach(first, target)
-    return {"target_bpb": target, "flops_other": flops_other, "flops_first": flops_first,
-            "multiplier": flops_first / flops_other if flops_first else None, "extrapolated": extrapolated}
-
-
-# -----------------------------------------------------------------------------
-# What a run's record and evals say
-
-
-def metrics_path(run):
-    """The run's metrics.jsonl (RunState's step and evaluation rows)."""
-    return os.path.join(run["ckpt_dir"] or "", "run", "metrics.jsonl")
-
-
-def run_summary(run):
-    """The run's summary: its metrics log summarised (tokens/s, MFU, final values), then the summary
-    the run recorded at its end, which wins."""
-    return summarize_metrics(metrics_path(run)) | (run.get("summary") or {})
-
-
-def gpus(run):
-    """GPUs a run held: its ranks on CUDA, none on CPU / MPS (nothing to bill)."""
-    return (run.get("world_size") or 1) if (run.get("device") or "").startswith("cuda") else 0
-
-
-def gpu_hours(run):
-    return None if run.get("wall_s") is None else run["wall_s"] * gpus(run) / 3600
-
-
-def gpu_hour_price(price):
-    if price is None:
-        env = os.environ.get(PRICE_ENV)
-        try:
-            price = float(env) if env else DEFAULT_GPU_HOUR_PRICE
-        except ValueError:
-            raise NanochatError(f"${PRICE_ENV}={env!r} is not a number (USD per GPU-hour)") from None
-    if not (price >= 0 and math.isfinite(price)):
-        raise NanochatError(f"--gpu-hour-price {price} must be a number >= 0")
-    return price
-
-
-def latest_evals(evals):
-    """{(metric, bucket): the evals row of the highest step (then the newest)} of the evaluation
-    scripts' rows (source other than "train")."""
-    out = {}
-    for ev in sorted(evals, key=lambda e: (e["step"] if e["step"] is not None else -1, e["id"])):
-        if ev["source"] != "train":
-            out[(ev["metric"], ev["bucket"])] = ev
-    return out
-
-
-def train_curves(evals):
-    """{metric: [(step, value)]} of the training evaluations (metrics.jsonl rows), in step order."""
-    out = {}
-    for ev in evals:
-        if ev["source"] == "train":
-            out.setdefault(ev["metric"], []).append((ev["step"], ev["value"]))
-    return {m: sorted(v) for m, v in out.items()}
-
-
-def flops_curve(run, evals):
-    """[(FLOPs, val bpb)] of a base run: FLOPs = flops_per_token x total_batch_size x step (the
-    tokens seen at the evaluation); [] when the run did not record them."""
-    fpt, tbs = run.get("flops_per_token"), (run.get("config") or {}).get("total_batch_size")
-    if run.get("stage") != "base" or not fpt or not isinstance(tbs, (int, float)):
-        return []
-    return [(fpt * tbs * step, v) for step, v in train_curves(evals).get("val_bpb", []) if step > 0]
-
-
-def final_metric(run, evals):
-    """(name, value) a run ended at: its summary's final loss, else its last training evaluation."""
-    name, value = final_loss(run.get("summary") or {})
-    if name is None:
-        curves = train_curves(evals)
-        for metric in ("val_bpb", "val_loss", "eval_pass@1"):
-            if curves.get(metric):
-                return metric, curves[metric][-1][1]
-    return name, value
-
-
-def ref_name(run):
-    return run["name"] or run["id"]
-
-
-# -----------------------------------------------------------------------------
-# compare
-
-
-def compare(reg, runs, price):
-    """The compare table of runs (first = the reference) as a dict: rows of {"metric", "lower_is_better",
-    "cells" (per run: value, n, lo, hi, delta to the first run), "winner"}, and the compute multipliers."""
-    evals = {r["id"]: reg.evals(r["id"]) for r in runs}
-    rows = []
-
-    def add(metric, cells, lower_is_better):
-        if all(c is None for c in cells):
-            return
-        ref = cells[0]["value"] if cells[0] is not None else None
-        for c in cells:
-            if c is not None:
-                c["delta"] = c["value"] - ref if ref is not None and c["value"] is not None else None
-        w = winner(cells, lower_is_better)
-        w = w if w in (None, "tie") else ref_name(runs[w])
-        rows.append({"metric": metric, "lower_is_better": lower_is_better, "cells": cells, "winner": w})
-
-    # evaluations of the checkpoints (chat_eval, base_eval): the latest of each metric
-    latest = [latest_evals(evals[r["id"]]) for r in runs]
-    keys = list(dict.fromkeys(k for lat in latest for k in lat))
-    for metric, bucket in keys:
-        cells = []
-        for lat in latest:
-            ev = lat.get((metric, bucket))
-            lo, hi = (interval(ev) if ev else None) or (None, None)
-            cells.append(None if ev is None else {"value": ev["value"], "n": ev["n"], "step": ev["step"], "lo": lo, "hi": hi})
-        add(metric + (f" [{bucket}]" if bucket else ""), cells, bool(LOWER_IS_BETTER.fullmatch(metric)))
-    # training evaluations: final and best
-    curves = [train_curves(evals[r["id"]]) for r in runs]
-    for metric in dict.fromkeys(m for c in curves for m in c):
-        lower = bool(LOWER_IS_BETTER.fullmatch(metric))
-        finals = [{"value": c[metric][-1][1], "step": c[metric][-1][0]} if c.get(metric) else None for c in curves]
-        bests = [{"value": (min if lower else max)(v for _, v in c[metric])} if c.get(metric) else None for c in curves]
-        add(f"final {metric}", finals, lower)
-        add(f"best {metric}", bests, lower)
-    # speed and cost
-    summaries = [run_summary(r) for r in runs]
-    add("tokens/s", [{"value": s["tok_per_s"]} if isinstance(s.get("tok_per_s"), (int, float)) else None for s in summaries], False)
-    add("MFU", [{"value": s["mfu"]} if isinstance(s.get("mfu"), (int, float)) else None for s in summaries], False)
-    add("wall time (s)", [{"value": r["wall_s"]} if r.get("wall_s") is not None else None for r in runs], True)
-    add("GPU-hours", [{"value": gpu_hours(r)} if gpu_hours(r) is not None else None for r in runs], True)
-    add("cost ($)", [{"value": gpu_hours(r) * price} if gpu_hours(r) is not None else None for r in runs], True)
-    # base runs: compute multiplier at matched val bpb
-    multipliers = []
-    first = flops_curve(runs[0], evals[runs[0]["id"]])
-    for r in runs[1:]:
-        m = compute_multiplier(first, flops_curve(r, evals[r["id"]]))
-        if m is not None:
-            multipliers.append({"run": ref_name(r), "first": ref_name(runs[0])} | m)
-    runs = [{k: r[k] for k in ("id", "name", "stage", "model_tag", "status")} for r in runs]
-    return {"runs": runs, "gpu_hour_price": price, "rows": rows, "compute_multiplier": multipliers}
-
-
-def _num(v, digits=4):
-    if v is None:
-        return "-"
-    if isinstance(v, float) and v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-        return f"{v:.3e}"
-    return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
-
-
-def format_cell(c, first):
-    if c is None:
-        return "-"
-    text = _num(c["value"])
-    if c.get("lo") is not None:
-        text += f" [{_num(c['lo'], 3)}, {_num(c['hi'], 3)}]"
-    if c.get("n"):
-        text += f" n={c['n']:,}"
-    if not first and c.get("delta") is not None:
-        text += f" ({c['delta']:+.4g})"
-    return text
-
-
-def format_compare(result):
-    names = [r["name"] or r["id"] for r in result["runs"]]
-    lines = ["| metric | " + " | ".join(names) + " | winner |", "|---" * (len(names) + 2) + "|"]
-    for row in result["rows"]:
-        cells = [format_cell(c, i == 0) for i, c in enumerate(row["cells"])]
-        lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {row['winner'] or '-'} |")
-    lines += ["", f"Intervals: 95% (Wilson for proportions of n, else +- 1.96 SE where known); (delta) to {names[0]}; "
-              f"winner: best value, 'tie' when its interval overlaps another's; cost at ${result['gpu_hour_price']:.2f} per GPU-hour."]
-    for m in result["compute_multiplier"]:
-        if m["multiplier"] is None:
-            lines.append(f"compute multiplier: {m['first']} never reaches {m['run']}'s final val bpb {m['target_bpb']:.4f} "
-                         "(its curve does not fall)")
-        else:
-            how = "extrapolated" if m["extrapolated"] else "interpolated"
-            lines.append(f"compute multiplier at val bpb {m['target_bpb']:.4f}: {m['first']} needs {m['flops_first']:.3e} FLOPs ({how}), "
-                         f"{m['run']} spent {m['flops_other']:.3e}: {m['multiplier']:.3f}x" + (" (EXTRAPOLATED)" if m["extrapolated"] else ""))
-    return "\n".join(lines)
+STALE_RUNS_LISTED = 5  # runs named per stale recipe in the report (the newest; the rest are counted)
 
 
 # -----------------------------------------------------------------------------
@@ -391,6 +121,46 @@ def best_per_metric(reg, runs):
     return best
 
 
+def stale_recipes(runs):
+    """The data recipes that no longer hold what runs trained on: one entry per recipe file and
+    recorded sha256, {"recipe", "recorded", "now" (the file's sha256 now, None when it is gone),
+    "runs" (names, oldest first)}, for runs that recorded a recipe (mid, SFT)."""
+    groups, current, out = {}, {}, []
+    for r in runs:
+        if r.get("recipe_path") and r.get("recipe_hash"):
+            groups.setdefault((r["recipe_path"], r["recipe_hash"]), []).append(ref_name(r))
+    for (path, recorded), names in groups.items():
+        if path not in current:
+            try:
+                current[path] = file_hash(path)
+            except OSError:  # deleted, moved or unreadable: the recipe cannot be rebuilt from it
+                current[path] = None
+        if current[path] != recorded:
+            out.append({"recipe": path, "recorded": recorded, "now": current[path], "runs": names})
+    return out
+
+
+def analyze_run(run, project_to=None):
+    """nanochat.analysis.analyze of a run's metrics.jsonl (an Analysis)."""
+    planned = (run.get("config") or {}).get("num_iterations")
+    return analysis.analyze(read_jsonl(metrics_path(run)), stage=run["stage"], num_iterations=planned, project_to=project_to)
+
+
+def recommendations(runs):
+    """The analyzer on each run that finished (any status but running): [{"run", "stage", "model_tag",
+    "status", "warnings" (kinds of the warning and critical findings), "recommendation"}] of those with
+    a warning, and the number of finished runs analysed."""
+    finished = [r for r in runs if r["status"] != "running"]
+    out = []
+    for r in finished:
+        result = analyze_run(r)
+        warnings = [f.kind for f in result.findings if f.severity != "info"]
+        if warnings:
+            out.append({"run": ref_name(r), "stage": r["stage"], "model_tag": r["model_tag"], "status": r["status"],
+                        "warnings": warnings, "recommendation": result.recommendation})
+    return out, len(finished)
+
+
 def make_report(reg, since_s, price):
     t = now()
     since = t - since_s
@@ -407,11 +177,12 @@ def make_report(reg, since_s, price):
         b["previous"] = old["value"] if old else None
         b["delta"] = b["value"] - old["value"] if old else None
     reg.add_report(t, since, {k: {"value": b["value"], "run": b["run"]} for k, b in best.items()})
+    advice, analysed = recommendations(window)
     return {"time": t, "since": since, "previous_report": previous["time"] if previous else None, "counts": counts,
             "gpu_hours": hours, "cost": hours * price, "gpu_hour_price": price,
             "runs": [{k: r[k] for k in ("name", "id", "stage", "model_tag", "status", "stop_reason", "wall_s")}
                      | {"started": iso(r["started"]), "gpu_hours": gpu_hours(r), "final": final_metric(r, reg.evals(r["id"]))} for r in window],
-            "best": best}
+            "best": best, "stale_recipes": stale_recipes(reg.runs()), "recommendations": advice, "analysed": analysed}
 
 
 def format_report(rep):
@@ -423,7 +194,7 @@ def format_report(rep):
     rows = []
     for r in rep["runs"]:
         status = r["status"] + (f" ({r['stop_reason']})" if r["stop_reason"] else "")
-        final = f"{r['final'][0]} {_num(r['final'][1])}" if r["final"][0] else "-"
+        final = f"{r['final'][0]} {fmt(r['final'][1])}" if r["final"][0] else "-"
         rows.append({"run": r["name"], "stage": r["stage"], "tag": r["model_tag"], "status": status, "started": r["started"], "wall (s)": r["wall_s"],
                      "GPU-h": r["gpu_hours"], "final": final})
     lines += [markdown_table(rows) if rows else "(no runs in the window)", ""]
@@ -433,6 +204,21 @@ def format_report(rep):
     rows = [{"stage/metric": k, "best": b["value"], "run": b["run"], "previous report": b["previous"], "delta": b["delta"]}
             for k, b in sorted(rep["best"].items())]
     lines += [markdown_table(rows) if rows else "(no evaluations yet)", ""]
+    lines += ["## Stale datasets (all runs)", ""]
+    for x in rep["stale_recipes"]:
+        names = x["runs"][-STALE_RUNS_LISTED:]
+        more = f" and {len(x['runs']) - len(names)} earlier" if len(x["runs"]) > len(names) else ""
+        state = f"changed (sha256 {x['recorded'][:12]} then, {x['now'][:12]} now)" if x["now"] else "gone"
+        lines.append(f"- `{x['recipe']}` {state}: runs {', '.join(names)}{more} trained on data it no longer gives")
+    if not rep["stale_recipes"]:
+        lines.append("(none: every recorded data recipe still has the content its runs trained on)")
+    lines += ["", "## Recommendations (runs finished in the window)", ""]
+    for x in rep["recommendations"]:
+        lines.append(f"- {x['run']} ({x['stage']}/{x['model_tag']}, {x['status']}) {', '.join(x['warnings'])}: {x['recommendation']}")
+    quiet = rep["analysed"] - len(rep["recommendations"])
+    lines.append(f"{quiet} other finished run(s) without warnings; `lab analyze RUN` gives all findings." if rep["recommendations"]
+                 else f"(no warnings in the {quiet} finished run(s); `lab analyze RUN` gives all findings)")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -443,7 +229,7 @@ def format_report(rep):
 def _run_row(reg, r):
     name, value = final_metric(r, reg.evals(r["id"]))
     return {"name": r["name"], "id": r["id"], "stage": r["stage"], "tag": r["model_tag"], "status": r["status"], "started": iso(r["started"]),
-            "wall (s)": f"{r['wall_s']:.1f}" if r["wall_s"] is not None else None, "final": f"{name} {_num(value)}" if name else None,
+            "wall (s)": f"{r['wall_s']:.1f}" if r["wall_s"] is not None else None, "final": f"{name} {fmt(value)}" if name else None,
             "parent": f"{r['parent_stage']}/{r['parent_tag']}@{r['parent_step']}" if r["parent_stage"] else None}
 
 
@@ -467,13 +253,17 @@ def cmd_show(reg, args):
     if r.get("summary"):
         lines += ["## Summary", "", markdown_table([{"metric": k, "value": v} for k, v in r["summary"].items()]), ""]
     if evals:
-        rows = []
-        for ev in evals:
+        parent, rows = parent_evals(reg, r), []
+        for ev in evals:  # the evaluation scripts' results next to the checkpoint the run started from
+            ev["parent"] = parent.get((ev["metric"], ev["bucket"])) if ev["source"] != "train" else None
             iv = interval(ev)
             metric = ev["metric"] + (f" [{ev['bucket']}]" if ev["bucket"] else "")
             rows.append({"source": ev["source"], "step": ev["step"], "metric": metric, "value": ev["value"], "n": ev["n"],
-                         "95% interval": f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else None})
+                         "95% interval": f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else None, "parent": ev["parent"], "chance": ev["baseline"]})
         lines += ["## Evaluations", "", markdown_table(rows), ""]
+        if any(ev["parent"] is not None or ev["baseline"] is not None for ev in evals):
+            lines += [f"parent: the same evaluation of the checkpoint it started from ({r['parent_stage']}/{r['parent_tag']} step "
+                      f"{r['parent_step']}); chance: a model that guesses (0 for the centred CORE and ChatCORE).", ""]
     for n in result["notes"]:
         lines.append(f"- {n['kind']}: {n['text']} ({iso(n['time'])})")
     for m in result["models"]:
@@ -486,14 +276,13 @@ def cmd_show(reg, args):
 def cmd_compare(reg, args):
     if len(args.runs) < 2:
         raise NanochatError("compare needs two runs or more")
-    result = compare(reg, [reg.get_run(ref) for ref in args.runs], gpu_hour_price(args.gpu_hour_price))
+    result = compare(reg, [reg.get_run(ref) for ref in args.runs], resolve_price(args.gpu_hour_price))
     return result, format_compare(result)
 
 
 def cmd_analyze(reg, args):
     r = reg.get_run(args.run)
-    planned = (r.get("config") or {}).get("num_iterations")
-    result = analysis.analyze(read_jsonl(metrics_path(r)), stage=r["stage"], num_iterations=planned, project_to=args.project_to)
+    result = analyze_run(r, args.project_to)
     return result.to_dict(), f"# {r['name']} ({r['id']})\n" + analysis.format_report(result)
 
 
@@ -514,7 +303,7 @@ def diff_registry(live_runs, live_evals, runs, evals):
             continue
         out += [f"run {run_id} {k}: registry {a[k]!r}, folders {b.get(k)!r}" for k in a if k in b and a[k] != b[k]]
 
-    cols = ("run_id", "source", "step", "metric", "bucket", "value", "n", "stderr", "kind", "time")
+    cols = ("run_id", "source", "step", "metric", "bucket", "value", "n", "stderr", "kind", "baseline", "time")
     la, lb = (Counter(tuple(e.get(c) for c in cols) for e in rows) for rows in (live_evals, evals))
     if la != lb:
         out.append(f"evals: {sum((la - lb).values())} rows only in the registry, {sum((lb - la).values())} only in the run folders")
@@ -589,7 +378,7 @@ def cmd_note(reg, args):
 
 
 def cmd_report(reg, args):
-    rep = make_report(reg, parse_since(args.since), gpu_hour_price(args.gpu_hour_price))
+    rep = make_report(reg, parse_since(args.since), resolve_price(args.gpu_hour_price))
     text = format_report(rep)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,14 +1,16 @@
 """
 The run and model registry (nanochat/registry.py) and its hooks: two processes writing at once lose
 no row; a run whose process died shows "killed" (a real SIGKILL of a training run too); reindex of
-the run folders equals the live registry (hand-made folders, and real base_train runs that finish,
-stop, resume, fail and are killed); the same checkpoint registered twice is one version; an alias
-moves and `chat_cli --model NAME@alias` loads that version; a broken registry never stops training.
+the run folders equals the live registry, evaluation baselines included (hand-made folders, and
+real base_train runs that finish, stop, resume, fail and are killed); an old schema is migrated;
+the same checkpoint registered twice is one version; an alias moves and `chat_cli --model
+NAME@alias` loads that version; a broken registry never stops training.
 """
 
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -24,6 +26,7 @@ from nanochat.checkpoint_manager import apply_model_ref, checkpoint_dir, resolve
 from nanochat.common import NanochatError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.registry import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     Registry,
     RunRecorder,
@@ -88,6 +91,25 @@ def test_names_ids_and_checkpoint_dirs_resolve_to_runs(tmp_path, base_dir):
         rows = [{"step": 1, "loss": 2.0}, {"step": 1, "val_bpb": 1.5}]
         fake_run(base_dir, "abcdef012345", "t", rows)
         assert reg.get_run(checkpoint_dir("base", "t", str(base_dir)))["id"] == "abcdef012345"
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
+    """A registry written before the evals had a baseline column: opening it adds the column (NULL
+    for the old rows), keeps every row, and new rows carry their baseline."""
+    path = str(tmp_path / "lab.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "; CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);")
+    db.execute("INSERT INTO runs (id, name, stage, status) VALUES ('r1', 'e001', 'sft', 'done')")
+    db.execute("INSERT INTO evals (run_id, step, metric, value, source) VALUES ('r1', 5, 'ARC-Easy', 0.5, 'chat_eval')")
+    db.commit()
+    db.close()
+    with pytest.raises(NanochatError, match="schema version 1, this code reads"):
+        Registry(path, readonly=True)  # a reader never migrates
+    with Registry(path) as reg:
+        assert reg.version() == SCHEMA_VERSION == 2
+        assert [r["name"] for r in reg.runs()] == ["e001"]
+        reg.add_evals([{"run_id": "r1", "step": 6, "metric": "ARC-Easy", "value": 0.6, "source": "chat_eval", "baseline": 0.25}])
+        assert [(e["step"], e["value"], e["baseline"]) for e in reg.evals("r1")] == [(5, 0.5, None), (6, 0.6, 0.25)]
 
 
 @pytest.mark.slow
@@ -198,7 +220,8 @@ def test_reindex_equals_the_live_registry(base_dir):
         status = {r["name"]: r["status"] for r in live_runs}
         assert status == {"first": "done", "e001": "stopped", "e002": "killed", "e003": "running"}
         assert {e["step"] for e in live_evals if e["run_id"] == "run0res"} == {2}  # evals past the resumed checkpoint are gone
-        assert [e["metric"] for e in live_evals if e["source"] == "chat_eval"] == ["ARC-Easy", "ChatCORE"]
+        assert [(e["metric"], e["baseline"]) for e in live_evals if e["source"] == "chat_eval"] == [("ARC-Easy", 0.25), ("ChatCORE", 0.0)]
+        assert [(e["metric"], e["baseline"]) for e in evals if e["source"] == "chat_eval"] == [("ARC-Easy", 0.25), ("ChatCORE", 0.0)]
         by_id = {r["id"]: r for r in runs}
         assert by_id["oldrun"]["status"] == "done" and by_id["oldrun"]["name"] == "e004" and by_id["oldrun"]["config"] == {"seed": 1}
         assert diff_registry(live_runs, live_evals, [r for r in runs if r["id"] != "oldrun"], [e for e in evals if e["run_id"] != "oldrun"]) == []
@@ -217,10 +240,14 @@ def test_eval_rows_carry_n_and_the_standard_error_of_centred_means():
     assert se == pytest.approx(((0.25 / 100) + (0.24 / 50) / 0.64) ** 0.5 / 2)
     rows = chat_eval_rows([{"task": "GSM8K", "accuracy": 0.5, "chance": 0.0, "problems": 100, "pass_at_k": {1: 0.5, 4: 0.7}}], 0.5)
     assert [(r["metric"], r["n"], r["kind"]) for r in rows] == [("GSM8K", 100, "proportion"), ("GSM8K pass@4", 100, "proportion"), ("ChatCORE", 100, "mean")]
+    assert [r["baseline"] for r in rows] == [0.0, 0.0, 0.0]  # a guesser never solves a generative problem; ChatCORE is centred
+    categorical = chat_eval_rows([{"task": "T", "accuracy": 0.5, "chance": 0.25, "problems": 100, "pass_at_k": {"2": 0.6}}], None)
+    assert [r["baseline"] for r in categorical] == [0.25, pytest.approx(1 - 0.75**2)]  # pass@2: one of two guesses right
     assert rows[-1]["stderr"] == pytest.approx(0.05)
     core = {"core": 0.1, "results": {"copa": {"accuracy": 0.6, "random_baseline": 0.5, "num_items": 100}}}
     rows = base_eval_rows({"core": core, "bpb": {"val": {"bpb": 1.2, "tokens": 4096}}})
     assert [(r["metric"], r["n"], r.get("kind")) for r in rows] == [("CORE", 100, "mean"), ("CORE copa", 100, "proportion"), ("val_bpb", 4096, None)]
+    assert [r.get("baseline") for r in rows] == [0.0, 0.5, None]  # CORE is centred; copa's random baseline; bpb has none
     assert rows[0]["stderr"] == pytest.approx((0.24 / 100) ** 0.5 / 0.5)
 
 

@@ -1,7 +1,7 @@
 """
 The report card (nanochat/report.py): the stage record, the metrics summary, report.md from fixture
-files (stage table with the cost, evaluation table across stages, loss-curve PNGs), reset, and
-the errors.
+files (stage table with the cost, evaluation table across stages, loss-curve PNGs, the lab's compare
+table of the stages' runs where a run registry exists), reset, and the errors.
 """
 
 import json
@@ -10,7 +10,9 @@ import os
 import pytest
 
 from nanochat import report
+from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.common import NanochatError
+from nanochat.registry import Registry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,6 +120,38 @@ def test_generate_writes_tables_and_curves(base_dir, monkeypatch):
         assert f"]({name})" in md
     assert "### samples" in md and "| 1 | 2 |" in md and '"depth": 4' in md
     assert "8 x NVIDIA H100 80GB HBM3" in md
+    assert "## Stages compared" not in md  # no run registry: no section
+
+
+def test_generate_includes_the_compare_table_of_the_stages(base_dir, monkeypatch, tmp_path):
+    """The newest registered run of each stage under this base dir, in pipeline order, through the
+    lab's compare; runs of other base dirs (a shared $NANOCHAT_REGISTRY) are left out."""
+    fixture_run(base_dir, monkeypatch)
+    with Registry() as reg:
+        runs = (("old00001", "old-base", "base", "d3", base_dir), ("base0001", "b", "base", "d4", base_dir), ("sft00001", "s", "sft", "d4", base_dir),
+                ("else0001", "elsewhere", "mid", "d4", tmp_path / "other"))
+        for i, (run_id, name, stage, tag, base) in enumerate(runs):
+            parent = {"parent_run_id": "base0001", "parent_step": 3} if stage == "sft" else {}
+            reg.put_run({"id": run_id, "name": name, "stage": stage, "model_tag": tag, "ckpt_dir": checkpoint_dir(stage, tag, str(base)),
+                         "status": "done", "started": float(i), "wall_s": 3600.0, "device": "cuda NVIDIA H100", "world_size": 8} | parent)
+        reg.add_evals([{"run_id": "base0001", "step": 3, "metric": "val_bpb", "value": 1.5, "source": "train"},
+                       {"run_id": "sft00001", "step": 5, "metric": "ARC-Easy", "value": 0.4, "n": 100, "kind": "proportion", "baseline": 0.25,
+                        "source": "chat_eval"}])
+    md = open(report.generate(gpu_hour_price=2.0)).read()
+    section = md.split("## Stages compared (run registry)\n", 1)[1].split("\n## ", 1)[0]
+    assert "`python -m scripts.lab compare b s`" in section and "| metric | b | s | winner |" in section
+    assert "| ARC-Easy | - | 0.4000 [0.309, 0.498] n=100; chance 0.2500 | - |" in section
+    assert "| final val_bpb | 1.5000 | - | - |" in section and "| cost ($) | 16.0000 | 16.0000 (+0) | tie |" in section
+    assert "old-base" not in section and "elsewhere" not in section
+    # an unreadable registry is one line in the section's place; the registry turned off: no section
+    (base_dir / "lab.sqlite").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        if (base_dir / f"lab.sqlite{suffix}").exists():
+            (base_dir / f"lab.sqlite{suffix}").unlink()
+    md = open(report.generate()).read()
+    assert "(the run registry could not be read: cannot open the registry" in md
+    monkeypatch.setenv("NANOCHAT_REGISTRY", "off")
+    assert "## Stages compared" not in open(report.generate()).read()
 
 
 def test_price_from_env_and_bad_price(base_dir, monkeypatch):
