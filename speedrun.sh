@@ -75,7 +75,7 @@ if [ -z "${NANOCHAT_DATA_DIR:-}" ] && { want tok || want base; }; then
 fi
 
 if want tok; then
-    run_stage tok_train python -m scripts.tok_train $TOK_ARGS
+    run_stage tok_train python -m scripts.tok_train $TOK_ARGS $([ "${FORCE:-0}" = 1 ] && echo --force)  # FORCE=1 retrains the tokenizer
     run_stage tok_eval python -m scripts.tok_eval
 fi
 
