@@ -506,12 +506,14 @@ class RunState:
         After an evaluation of the validation metric `value`: track the best value (loop state,
         so resume-safe) and, with --early-stop-patience, checkpoint each new best (never pruned).
         Returns True when training should stop: --early-stop-patience evaluations in a row without
-        an improvement of more than --early-stop-min-delta, or a value (or NaN) worse than
-        --divergence-threshold. The semantics of Lightning's EarlyStopping callback.
+        an improvement of more than --early-stop-min-delta, or a value worse than
+        --divergence-threshold. A NaN value (nothing measured) is skipped. The semantics of Lightning's EarlyStopping callback.
         """
         a, sign = self.args, 1 if higher_is_better else -1
+        if not math.isfinite(value):  # nothing measured (e.g. no trained token held out); a NaN loss stops in log_step
+            return False
         best = self.loop.get("best")
-        if math.isfinite(value) and (best is None or sign * (value - best["value"]) > a.early_stop_min_delta):
+        if best is None or sign * (value - best["value"]) > a.early_stop_min_delta:
             self.loop.update(best={"step": self.step, "value": value}, bad_evals=0)
             if a.early_stop_patience > 0 and self.step > self.start_step:
                 self.loop["evaluated_step"] = self.step
@@ -519,7 +521,7 @@ class RunState:
         else:
             self.loop["bad_evals"] = self.loop.get("bad_evals", 0) + 1
         thr = a.divergence_threshold
-        if not math.isfinite(value) or (thr is not None and sign * (value - thr) < 0):
+        if thr is not None and sign * (value - thr) < 0:
             self.end_reason = f"diverged: validation metric {value:.4g} is past --divergence-threshold {thr}"
         elif a.early_stop_patience and self.loop["bad_evals"] >= a.early_stop_patience:
             best = self.loop["best"]
