@@ -2,16 +2,25 @@
 The pretraining token loader: parquet shards -> packed rows of token ids, streamed, distributed and
 exactly resumable.
 
-Pipeline (per rank):
+Pipeline (per data stream):
 
-    row groups of the split; rank r of W takes the global row groups r, r + W, r + 2W, ... (a new
-    epoch starts over when they run out)
+    row groups of the split; data stream v of V takes the global row groups v, v + V, v + 2V, ...
+    (a new epoch starts over when they run out)
       -> documents tokenised a row group at a time in a background thread, through the tokenizer
          (tiktoken underneath, its own thread pool), each prefixed with <|bos|>; empty documents
          are skipped
       -> a buffer of up to `buffer_docs` documents
       -> best-fit packing into rows of T + 1 tokens, in a second background thread
       -> batches of B rows: inputs = rows[:, :-1], targets = rows[:, 1:]      int64 [B, T]
+
+Data streams and ranks: the split is read as V independent streams (row groups dealt round-robin,
+each stream packed on its own), and rank r of W owns the streams r, r + W, r + 2W, ...; its
+loader yields one batch from each of its streams in turn. Micro-batch j of the whole job (counted
+over steps, accumulation steps and ranks as j = W * (local micro-batch) + rank) is therefore batch
+j // V of stream j % V, whatever W is: 1 process accumulating 2 micro-batches and 2 ranks of one
+micro-batch each train on the same rows at every step, and so give the same losses. V defaults to
+the largest multiple of W that is at most max(W, min(DEFAULT_STREAMS, row groups of the split)):
+8 on ../shared/data/pretrain for W = 1, 2, 4 and 8, so those world sizes see the same data.
 
 Best-fit packing: documents are packed into training rows by best fit so that few are truncated
 (Ding et al. 2024, "Fewer Truncations Improve Language Modeling"), here online over a bounded
@@ -37,12 +46,13 @@ the model then also sees document middles right after a <|bos|>). At the end of 
 
 Resume: state_dict() is JSON: the read position (epoch, global row group, row), the document
 counter and, for every buffered piece, (row group, row, token offset, read index). Token ids are
-not stored: load_state_dict() re-reads and re-tokenises the referenced documents (the age rule
+not stored (one such position per stream the rank owns, plus which stream is next): load_state_dict() re-reads and re-tokenises the referenced documents (the age rule
 keeps them recent: with buffer_docs=1000 on ../shared/data/pretrain they lie in the last ~20 row
 groups read, a state is ~20 KB of JSON), and the loader then yields exactly the
-batches the uninterrupted loader would have yielded. The stream of rows does not depend on B, so
-B may change across a resume; T, the split, rank / world_size, buffer_docs, keep_tails and the set
-of shards may not (NanochatError).
+batches the uninterrupted loader would have yielded. The rows of each stream do not depend on B,
+so B may change across a resume (with more than one stream per rank the batches then interleave
+the streams' rows differently, none repeated or skipped); T, the split, rank / world_size, the number of streams, buffer_docs,
+keep_tails and the set of shards may not (NanochatError).
 """
 
 import atexit
@@ -62,7 +72,8 @@ import torch
 from nanochat.common import NanochatError
 from nanochat.dataset import get_data_dir, open_shard, read_row_group, split_files
 
-STATE_FORMAT, STATE_VERSION = "nanochat-dataloader", 1
+STATE_FORMAT, STATE_VERSION = "nanochat-dataloader", 2  # 2: one position per data stream
+DEFAULT_STREAMS = 8  # data streams of a split (see the module docstring): one per GPU of an 8-GPU node
 # A buffered document older than this many buffers' worth of reads goes first into the next row.
 # Simulated on ../shared/data/pretrain: packing efficiency unchanged (within 1%), and the documents
 # a resume must re-read fall from everything read so far to the last ~2 buffers.
@@ -127,7 +138,9 @@ class DataLoader:
     tokenizer: has .bos_token_id and .encode(list_of_str, prepend=id, num_threads=k) -> list of
         lists of ids (nanochat.tokenizer.Tokenizer).
     B, T: rows per batch, tokens per row (seq_len). split: "train" | "val" (nanochat.dataset).
-    rank, world_size: this process's share of the row groups (DDP).
+    rank, world_size: this process's share of the data streams (DDP).
+    streams: the number V of data streams the split is read as, a multiple of world_size; None for
+        the default (module docstring). The same V gives the same rows whatever the world size.
     data_dir: the shard directory (nanochat.dataset.get_data_dir semantics).
     tokenizer_threads: threads tiktoken uses per row group. buffer_docs: documents the packer
         chooses from. keep_tails: keep the cropped-off end of a document (see the module docstring).
@@ -140,11 +153,12 @@ class DataLoader:
     by themselves, and whatever still runs at interpreter exit is stopped and joined then.
 
     Raises NanochatError on bad arguments, a missing / empty / corrupt shard directory, a split
-    with fewer row groups than ranks, or a state that does not match this loader; errors found
+    with fewer row groups than ranks or streams, a number of streams that is not a multiple of the
+    world size, or a state that does not match this loader; errors found
     while streaming (a row group that cannot be decoded) are raised by __next__.
     """
 
-    def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1, data_dir=None, tokenizer_threads=4, buffer_docs=1000, state=None, num_epochs=None, keep_tails=False):
+    def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1, data_dir=None, tokenizer_threads=4, buffer_docs=1000, state=None, num_epochs=None, keep_tails=False, streams=None):
         if B < 1 or T < 1:
             raise NanochatError(f"DataLoader: need B >= 1 and T >= 1, got B={B} T={T}")
         if not 0 <= rank < world_size:
@@ -165,11 +179,18 @@ class DataLoader:
             self.row_groups += [(path, i) for i in range(meta.num_row_groups)]
             fingerprint.update(f"{os.path.basename(path)}:{meta.num_row_groups}:{meta.num_rows};".encode())
         self.fingerprint = fingerprint.hexdigest()[:16]
-        self.my_row_groups = list(range(rank, len(self.row_groups), world_size))
-        if len(self.row_groups) < world_size:  # checked on every rank, so that all of them stop
-            raise NanochatError(f"the {split} split in {self.data_dir} has {len(self.row_groups)} row groups, fewer than the {world_size} ranks: every rank needs at least one")
+        n = len(self.row_groups)
+        if n < world_size:  # checked on every rank, so that all of them stop
+            raise NanochatError(f"the {split} split in {self.data_dir} has {n} row groups, fewer than the {world_size} ranks: every rank needs at least one")
+        if streams is None:
+            streams = world_size * max(1, min(DEFAULT_STREAMS, n) // world_size)
+        if streams < 1 or streams % world_size or streams > n:
+            raise NanochatError(f"DataLoader: streams={streams} must be a multiple of world_size={world_size} and at most the {n} row groups of the {split} split in {self.data_dir}")
+        self.streams = streams
+        # the global row groups of each stream this rank owns, in read order
+        self.stream_row_groups = [list(range(v, n, streams)) for v in range(rank, streams, world_size)]
 
-        self._position = {"epoch": 0, "row_group": self.my_row_groups[0], "row": 0, "docs_read": 0, "buffer": []}
+        self._position = {"next": 0, "streams": [{"epoch": 0, "row_group": groups[0], "row": 0, "docs_read": 0, "buffer": []} for groups in self.stream_row_groups]}
         self._thread = self._queue = self._stop = None
         self._finished = False
         if state is not None:
@@ -184,6 +205,7 @@ class DataLoader:
             "split": self.split,
             "rank": self.rank,
             "world_size": self.world_size,
+            "num_streams": self.streams,
             "seq_len": self.T,
             "buffer_docs": self.buffer_docs,
             "keep_tails": self.keep_tails,
@@ -192,8 +214,8 @@ class DataLoader:
 
     def state_dict(self):
         """JSON-serialisable state after the last batch returned (see the module docstring)."""
-        p = self._position
-        return self._header() | {"epoch": p["epoch"], "row_group": p["row_group"], "row": p["row"], "docs_read": p["docs_read"], "buffer": [list(b) for b in p["buffer"]]}
+        streams = [{k: p[k] for k in ("epoch", "row_group", "row", "docs_read")} | {"buffer": [list(b) for b in p["buffer"]]} for p in self._position["streams"]]
+        return self._header() | {"next": self._position["next"], "streams": streams}
 
     def load_state_dict(self, state):
         """Continue from a state_dict(); the next batch is the one that followed it.
@@ -205,14 +227,20 @@ class DataLoader:
                 what = "the shards of the split changed" if key == "shards" else f"{key} was {state.get(key)!r}, now {value!r}"
                 raise NanochatError(f"dataloader state does not match this loader ({what}); exact resume needs the same data and settings")
         try:
-            position = {k: int(state[k]) for k in ("epoch", "row_group", "row", "docs_read")}
-            position["buffer"] = [tuple(int(v) for v in b) for b in state["buffer"]]
+            streams = []
+            for p in state["streams"]:
+                streams.append({k: int(p[k]) for k in ("epoch", "row_group", "row", "docs_read")})
+                streams[-1]["buffer"] = [tuple(int(v) for v in b) for b in p["buffer"]]
+            position = {"next": int(state["next"]), "streams": streams}
         except (KeyError, TypeError, ValueError):
             raise NanochatError("dataloader state: malformed position or buffer") from None
-        if any(len(b) != 4 for b in position["buffer"]):
-            raise NanochatError("dataloader state: malformed buffer entry (expected [row group, row, start, read index])")
-        if position["row_group"] not in self.my_row_groups or any(not 0 <= b[0] < len(self.row_groups) for b in position["buffer"]):
-            raise NanochatError("dataloader state: row group out of range for this rank")
+        if len(streams) != len(self.stream_row_groups) or not 0 <= position["next"] < len(streams):
+            raise NanochatError(f"dataloader state: {len(streams)} stream positions (next {position['next']}), this rank owns {len(self.stream_row_groups)} streams")
+        for p, groups in zip(streams, self.stream_row_groups):
+            if any(len(b) != 4 for b in p["buffer"]):
+                raise NanochatError("dataloader state: malformed buffer entry (expected [row group, row, start, read index])")
+            if p["row_group"] not in groups or any(not 0 <= b[0] < len(self.row_groups) for b in p["buffer"]):
+                raise NanochatError("dataloader state: row group out of range for this rank's streams")
         self.close()  # a running producer was reading from the old position
         self._position, self._finished = position, False
 
@@ -244,12 +272,12 @@ class DataLoader:
         return rows[:, :-1].to(torch.int64), rows[:, 1:].to(torch.int64)
 
     def _start(self):
-        stream = _DocStream(self, self._position)
-        packer = _Packer(stream, self.T + 1, self.tokenizer.bos_token_id, self.buffer_docs, self.keep_tails)
+        streams = [_DocStream(self, groups, p) for groups, p in zip(self.stream_row_groups, self._position["streams"])]
+        packers = [_Packer(stream, self.T + 1, self.tokenizer.bos_token_id, self.buffer_docs, self.keep_tails) for stream in streams]
         self._queue, self._stop = queue.Queue(maxsize=PREFETCH_BATCHES), threading.Event()
         pin = self.device.type == "cuda"
         # The thread gets no reference to self, so a dropped loader is collected and stops it.
-        self._thread = threading.Thread(target=_produce, args=(packer, self._position, self.B, pin, self._queue, self._stop), daemon=True, name=f"dataloader-{self.split}-{self.rank}")
+        self._thread = threading.Thread(target=_produce, args=(packers, self._position, self.B, pin, self._queue, self._stop), daemon=True, name=f"dataloader-{self.split}-{self.rank}")
         _start_producer(self._thread, self._stop)
 
     def close(self):
@@ -284,39 +312,45 @@ def _put(q, item, stop):
     return False
 
 
-def _produce(packer, position, B, pin, out, stop):
-    """Background thread: pack batches of B rows into int32 [B, T + 1] (pinned) tensors and queue
-    (rows, position after them); None at the end of a finite pass, or the exception raised."""
+def _produce(packers, position, B, pin, out, stop):
+    """Background thread: pack batches of B rows into int32 [B, T + 1] (pinned) tensors, one batch
+    from each stream's packer in turn, and queue (rows, position after them); None at the end of a
+    finite pass (of the stream next in turn), or the exception raised."""
     try:
-        packer.restore(position, stop)
+        for packer, p in zip(packers, position["streams"]):
+            packer.restore(p, stop)
+        positions, k = list(position["streams"]), position["next"]
         while not stop.is_set():
+            packer = packers[k]
             rows = torch.empty((B, packer.cap), dtype=torch.int32, pin_memory=pin)
             array = rows.numpy()
             for i in range(B):
                 if not packer.fill_row(array[i]):
                     _put(out, None, stop)
                     return
-            if not _put(out, (rows, packer.position()), stop):
+            positions[k], k = packer.position(), (k + 1) % len(packers)
+            if not _put(out, (rows, {"next": k, "streams": list(positions)}), stop):
                 return
     except BaseException as e:  # handed to the training loop, which raises it
         _put(out, e, stop)
     finally:
-        packer.stream.close()  # its worker joined and its ParquetFile freed here, while a join still waits for us
+        for packer in packers:
+            packer.stream.close()  # its worker joined and its ParquetFile freed here, while a join still waits for us
 
 
 class _DocStream:
     """
-    One rank's documents in read order, each as (global row group, row, tokens): tokens an int32
+    One data stream's documents in read order, each as (global row group, row, tokens): tokens an int32
     array that starts with <|bos|>. Row groups are read and tokenised PREFETCH_ROW_GROUPS ahead in
     a worker thread (tiktoken releases the GIL while it encodes).
     """
 
-    def __init__(self, loader, position):
-        self.row_groups, self.my_row_groups = loader.row_groups, loader.my_row_groups
+    def __init__(self, loader, my_row_groups, position):
+        self.row_groups, self.my_row_groups = loader.row_groups, my_row_groups
         self.tokenizer, self.threads, self.num_epochs = loader.tokenizer, loader.tokenizer_threads, loader.num_epochs
         self.bos, self.rank = loader.tokenizer.bos_token_id, loader.rank
         self._empty_run = 0  # row groups in a row that held no document
-        self.epoch, self.k, self.row = position["epoch"], loader.my_row_groups.index(position["row_group"]), position["row"]
+        self.epoch, self.k, self.row = position["epoch"], my_row_groups.index(position["row_group"]), position["row"]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataloader-tokenize")
         self._ahead = deque()  # futures of the next row groups, in order
         self._next_k = (self.epoch, self.k)  # the next (epoch, k) to submit
@@ -376,7 +410,7 @@ class _DocStream:
                 return self.my_row_groups[k], rows[i], docs[i]
             self._empty_run += 1  # a whole pass without a document would loop forever
             if self._empty_run > len(self.my_row_groups):
-                raise NanochatError(f"the row groups of rank {self.rank} in {os.path.dirname(self.row_groups[self.my_row_groups[0]][0])} hold no non-empty document")
+                raise NanochatError(f"the row groups of a data stream of rank {self.rank} in {os.path.dirname(self.row_groups[self.my_row_groups[0]][0])} hold no non-empty document")
             self.row = 0  # this row group is used up: on to the next one
             self.epoch, self.k = (self.epoch + 1, 0) if self.k + 1 == len(self.my_row_groups) else (self.epoch, self.k + 1)
 

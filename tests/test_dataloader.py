@@ -154,11 +154,11 @@ def test_packing_matches_reference(tmp_path, keep_tails, max_len):
     # small buffer the age rule fires).
     corpus = make_corpus(tmp_path / "data", docs_per_shard=(60, 60, 10), max_len=max_len)
     B, T, buffer_docs, n_batches = 2, 24, 6, 40
-    loader = DataLoader(TOK, B, T, "train", rank=1, world_size=2, data_dir=corpus, buffer_docs=buffer_docs, keep_tails=keep_tails)
+    loader = DataLoader(TOK, B, T, "train", rank=1, world_size=2, data_dir=corpus, buffer_docs=buffer_docs, keep_tails=keep_tails, streams=2)
     got = loader_rows(loader, n_batches)
     want, stats = reference_rows(doc_stream(corpus, "train", 1, 2), T + 1, buffer_docs, keep_tails, B * n_batches)
     assert got == want
-    assert stats["cropped"] > 0 and loader.state_dict()["epoch"] >= 1
+    assert stats["cropped"] > 0 and loader.state_dict()["streams"][0]["epoch"] >= 1
     if max_len == 12:
         assert stats["ties"] > 0
     else:
@@ -172,7 +172,7 @@ def test_ranks_read_disjoint_row_groups(corpus):
     for rank in range(2):
         # 30 rows per shard = 8 row groups: global row group g is rows 4 * (g % 8) .. of shard g // 8
         own = {(g // 8, (g % 8) * ROW_GROUP_SIZE + i): text.encode() for g, texts in rank_row_groups(corpus, "train", rank, 2) for i, text in enumerate(texts) if text}
-        loader = DataLoader(TOK, B, T, "train", rank=rank, world_size=2, data_dir=corpus, buffer_docs=6, num_epochs=1)
+        loader = DataLoader(TOK, B, T, "train", rank=rank, world_size=2, data_dir=corpus, buffer_docs=6, num_epochs=1, streams=2)
         markers, n_cut = set(), 0
         for x, _ in loader:
             for row in x.tolist():
@@ -189,9 +189,32 @@ def test_ranks_read_disjoint_row_groups(corpus):
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
+@pytest.mark.parametrize("streams", [None, 4])
+def test_rows_do_not_depend_on_the_world_size(corpus, streams):
+    # Micro-batch j of the job is batch j // V of stream j % V: rank r's local micro-batch i is
+    # the job's micro-batch W * i + r, for every world size W that divides V.
+    B, T, n = 2, 20, 16
+    one = DataLoader(TOK, B, T, "train", data_dir=corpus, buffer_docs=6, streams=streams)
+    want = [next(one) for _ in range(n)]
+    assert one.streams == (streams or 8) and len({x[0, :8].tolist().__repr__() for x, _ in want}) > 1
+    one.close()
+    for world_size in (2, 4):
+        for rank in range(world_size):
+            loader = DataLoader(TOK, B, T, "train", rank=rank, world_size=world_size, data_dir=corpus, buffer_docs=6, streams=streams)
+            for i in range(n // world_size):
+                x, y = next(loader)
+                assert torch.equal(x, want[world_size * i + rank][0]) and torch.equal(y, want[world_size * i + rank][1]), (world_size, rank, i)
+            loader.close()
+    # each stream reads only its own row groups: stream v of 4 the global row groups v, v + 4, ...
+    if streams == 4:
+        x, _ = want[1]
+        first = {(int(m.group(1)), int(m.group(2))) for m in re.finditer(rb"<(\d+)\.(\d+)>", bytes(t for t in x.flatten().tolist() if t < 256))}
+        assert first and all(((s * 8 + r // ROW_GROUP_SIZE) % 4) == 1 for s, r in first)
+
+
 def test_one_pass_with_kept_tails_delivers_every_token(corpus):
     B, T = 2, 16
-    loader = DataLoader(TOK, B, T, "val", data_dir=corpus, buffer_docs=5, num_epochs=1, keep_tails=True)
+    loader = DataLoader(TOK, B, T, "val", data_dir=corpus, buffer_docs=5, num_epochs=1, keep_tails=True, streams=1)
     rows = []
     for x, y in loader:
         rows += torch.cat([x, y[:, -1:]], dim=1).tolist()
@@ -208,15 +231,16 @@ def test_one_pass_with_kept_tails_delivers_every_token(corpus):
 
 
 @pytest.mark.parametrize("keep_tails", [False, True])
-def test_resume_gives_the_same_batches(corpus, keep_tails):
-    kwargs = dict(data_dir=corpus, buffer_docs=6, keep_tails=keep_tails, rank=0, world_size=2)
+@pytest.mark.parametrize("streams", [2, 4])  # rank 0 of 2 owns one stream, or two taken in turn
+def test_resume_gives_the_same_batches(corpus, keep_tails, streams):
+    kwargs = dict(data_dir=corpus, buffer_docs=6, keep_tails=keep_tails, rank=0, world_size=2, streams=streams)
     loader = DataLoader(TOK, 2, 20, "train", **kwargs)
     batches, states = [], [loader.state_dict()]
     for _ in range(30):
         batches.append(next(loader))
         states.append(json.loads(json.dumps(loader.state_dict())))
     loader.close()
-    assert states[-1]["epoch"] >= 1 and any(s["buffer"] for s in states)
+    assert states[-1]["streams"][0]["epoch"] >= 1 and any(s["streams"][0]["buffer"] for s in states)
     for k in (0, 1, 7, 18, 29):
         resumed = DataLoader(TOK, 2, 20, "train", state=states[k], **kwargs)
         for x, y in batches[k:]:
@@ -226,11 +250,12 @@ def test_resume_gives_the_same_batches(corpus, keep_tails):
 
 
 def test_resume_with_another_batch_size(corpus):
-    a = DataLoader(TOK, 4, 20, "train", data_dir=corpus, buffer_docs=6)
+    # one stream: its rows do not depend on B (with several, B sets how they interleave)
+    a = DataLoader(TOK, 4, 20, "train", data_dir=corpus, buffer_docs=6, streams=1)
     first = loader_rows(a, 2)
     state = a.state_dict()
     rest = loader_rows(a, 4)
-    b = DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state)
+    b = DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state, streams=1)
     assert loader_rows(b, 8) == rest
     assert first != rest[:8]
     a.close()
@@ -258,12 +283,21 @@ def test_state_mismatch_is_refused(corpus, tmp_path):
             DataLoader(TOK, args.pop("B"), args.pop("T"), "train", data_dir=corpus, state=state, **args)
     with pytest.raises(NanochatError, match="not a nanochat dataloader state"):
         DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state={"epoch": 0})
+    def edit(**kwargs):  # the state with its first stream's position changed
+        return state | {"streams": [state["streams"][0] | kwargs] + state["streams"][1:]}
+
     with pytest.raises(NanochatError, match="malformed"):
-        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state | {"buffer": [["x"]]})
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=edit(buffer=[["x"]]))
     with pytest.raises(NanochatError, match="malformed buffer entry"):
-        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state | {"buffer": [[]]})
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=edit(buffer=[[]]))
     with pytest.raises(NanochatError, match="out of range"):
-        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state | {"row_group": 99})
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=edit(row_group=99))
+    with pytest.raises(NanochatError, match="num_streams was 8, now 4"):
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state, streams=4)
+    with pytest.raises(NanochatError, match="7 stream positions"):
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state | {"streams": state["streams"][1:]})
+    with pytest.raises(NanochatError, match="version was 1, now 2"):  # a state of the one-stream loader
+        DataLoader(TOK, 2, 20, "train", data_dir=corpus, buffer_docs=6, state=state | {"version": 1})
     # one more shard: the old val shard becomes training data, so the stream cannot be the same
     make_corpus(corpus, docs_per_shard=(30, 30, 30, 5))
     with pytest.raises(NanochatError, match="shards of the split changed"):
@@ -283,6 +317,10 @@ def test_bad_arguments_and_data(corpus, tmp_path):
         DataLoader(TOK, 1, 8, "test", data_dir=corpus)
     with pytest.raises(NanochatError, match="8 row groups, fewer than the 9 ranks"):
         DataLoader(TOK, 1, 8, "val", rank=0, world_size=9, data_dir=corpus)
+    with pytest.raises(NanochatError, match="streams=3 must be a multiple of world_size=2"):
+        DataLoader(TOK, 1, 8, "val", rank=0, world_size=2, data_dir=corpus, streams=3)
+    with pytest.raises(NanochatError, match="streams=10 .* at most the 8 row groups"):
+        DataLoader(TOK, 1, 8, "val", data_dir=corpus, streams=10)
     with pytest.raises(NanochatError, match="data directory not found"):
         DataLoader(TOK, 1, 8, "train", data_dir=str(tmp_path / "missing"))
     bad = os.path.join(corpus, shard_name(1))
@@ -365,9 +403,9 @@ def test_producer_threads_are_joined_before_exit(corpus):
 def test_real_shards():
     # A small buffer reads only the first row groups of the validation shard.
     B, T = 2, 256
-    loader = DataLoader(TOK, B, T, "val", data_dir=SHARED_PRETRAIN, buffer_docs=32, tokenizer_threads=2)
+    loader = DataLoader(TOK, B, T, "val", data_dir=SHARED_PRETRAIN, buffer_docs=32, tokenizer_threads=2, streams=1)
     rows = loader_rows(loader, 4)
-    state = loader.state_dict()
+    state = loader.state_dict()["streams"][0]
     loader.close()
     assert state["row_group"] in (0, 1) and state["epoch"] == 0
     val = pq.ParquetFile(os.path.join(SHARED_PRETRAIN, sorted(f for f in os.listdir(SHARED_PRETRAIN) if f.endswith(".parquet"))[-1]))

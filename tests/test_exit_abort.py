@@ -66,7 +66,7 @@ def loader_threads():
 
 @pytest.fixture
 def corpus(tmp_path):
-    return make_corpus(tmp_path / "data")  # "val" is one shard: the open shard is never swapped
+    return make_corpus(tmp_path / "data")  # "val" is one shard, read as one stream: one open shard, never swapped
 
 
 # dropped at once, a read ahead may still run and free the shard; a moment later the producer does
@@ -75,7 +75,7 @@ def test_exit_hook_waits_until_a_dropped_loaders_threads_are_gone(corpus, monkey
     # base_train's pattern: a loader read partly, then dropped (evaluation, the unigram count)
     frees = slow_shards(monkeypatch, free=lambda: time.sleep(0.5))
     monkeypatch.setattr(dataloader, "_exiting", False, raising=False)  # the hook below is not the real exit
-    loader = DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4)
+    loader = DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4, streams=1)
     next(loader)
     time.sleep(settle)
     del loader
@@ -88,7 +88,7 @@ def test_exit_hook_waits_until_a_dropped_loaders_threads_are_gone(corpus, monkey
 
 def test_close_and_with_wait_for_the_threads(corpus, monkeypatch):
     frees = slow_shards(monkeypatch, free=lambda: time.sleep(0.2))
-    with DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4) as loader:
+    with DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4, streams=1) as loader:
         x0, _ = next(loader)
         state = loader.state_dict()
     assert frees.done == 1 and loader_threads() == []
@@ -102,7 +102,7 @@ def test_close_and_with_wait_for_the_threads(corpus, monkeypatch):
 def test_no_producer_starts_once_the_exit_hook_ran(corpus, monkeypatch):
     monkeypatch.setattr(dataloader, "_exiting", False, raising=False)
     dataloader._stop_producers()
-    loader = DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4)
+    loader = DataLoader(TOK, 2, 8, "val", data_dir=corpus, buffer_docs=4, streams=1)
     with pytest.raises(NanochatError, match="exiting"):
         next(loader)
     assert loader_threads() == []
@@ -133,7 +133,7 @@ class Linger:
         sleep(2)
 
 linger = Linger()
-loader = dataloader.DataLoader(TOK, 2, 8, "val", data_dir=sys.argv[1], buffer_docs=4)
+loader = dataloader.DataLoader(TOK, 2, 8, "val", data_dir=sys.argv[1], buffer_docs=4, streams=1)
 next(loader)
 time.sleep(0.5)  # the producer fills its queue and the reads ahead finish: it alone holds the shard
 del loader

@@ -299,8 +299,6 @@ def test_speedrun_two_processes(speedrun):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="nanochat/dataloader.py deals row groups to ranks (rank r of W reads r, r+W, ...), "
-                   "so 2 ranks train on other rows than 1 process does; strict: passes once the token stream no longer depends on the world size")
 def test_base_losses_match_one_process(speedrun):
     """Base training on 2 ranks against 1 process accumulating 2 micro-batches, with the same flags,
     tokenizer and data: the same global batch at every step, so the same losses to 1e-5."""
