@@ -31,11 +31,12 @@ from tasks.customjson import CustomJSON, Identity
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
+from tasks.multihop import MultiHop
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-TASKS = {cls.__name__: cls for cls in (ARC, CustomJSON, GSM8K, HumanEval, Identity, MMLU, SimpleSpelling,
-                                       SmolTalk, SpellingBee)}
+TASKS = {cls.__name__: cls for cls in (ARC, CustomJSON, GSM8K, HumanEval, Identity, MMLU, MultiHop,
+                                       SimpleSpelling, SmolTalk, SpellingBee)}
 PATH_ARGS = ("path", "words_file")  # resolved relative to the recipe file's directory
 
 # The chat evaluation suite (scripts/chat_eval.py, chat_rl; ChatCORE is the mean over all of them):
