@@ -17,12 +17,28 @@ or crashes is a failure that evaluate() reports; a judge that raises is a failed
 counted in "eval_errors": one sample never stops the evaluation. Reported: pass@k with the
 unbiased estimator of Chen et al. 2021, and accuracy = pass@1.
 
+Difficulty buckets: a task may declare `buckets`, an ordered tuple of names (class or instance
+attribute), and each of its conversations then carries "bucket", one of them (MultiHop: easy /
+medium / hard by hops; GSM8K: solution steps; ARC: its set; MMLU: subject groups). Problems and
+correct answers (generative: pass@1 = c / n per problem) are summed per bucket too; the result holds
+each bucket's accuracy with its 95% interval, and bucket_table() prints them. The interval is the
+Wilson score interval of a binomial proportion (Wilson 1927, "Probable inference, the law of
+succession, and statistical inference"; nanochat.lab.wilson) on the bucket's n problems. With
+several samples per problem the proportion is the mean of the per-problem pass@1 on n problems, an
+approximation: each problem counts as one trial. It is exact in form when a problem's samples agree
+(all right or all wrong) and otherwise conservative (too wide): per-problem means in [0, 1] vary less
+than 0/1 outcomes with the same mean.
+A task with score(conversation, completion) -> {"coverage": float, ...} (MultiHop: the share of the
+gold reasoning hops found in the trace) also gets the mean coverage over samples, overall and per
+bucket.
+
 ChatCORE (nanochat): the mean over tasks of the accuracy centred by its chance level,
 (acc - chance) / (1 - chance); chance is the mean of 1 / (number of choices) over the problems
 of a categorical task (ARC questions have 3 to 5 choices), 0 for a generative task.
 
-Distributed (process group initialised): problems are striped over ranks, the sums all-reduced;
-every rank returns the global result. A problem's samples are seeded by its index, so results do
+Distributed (process group initialised): problems are striped over ranks, the sums all-reduced
+(per-bucket sums included: every rank holds every declared bucket, so the keys agree); every rank
+returns the global result. A problem's samples are seeded by its index, so results do
 not depend on the number of ranks.
 """
 
@@ -34,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import NanochatError
+from nanochat.lab import wilson
 
 # Logits of one categorical batch are [B, T, vocab_size] fp32 (the model returns every position):
 # B and the padded T are capped so that this stays under LOGITS_BUDGET_BYTES.
@@ -84,12 +101,43 @@ def _dist_info():
 
 
 def _all_reduce_sums(sums, device):
-    """Sum a dict of numbers over ranks (fixed key order); returns a dict of floats."""
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    """Sum a dict of numbers, or of such dicts (the per-bucket sums), over ranks; every rank must hold
+    the same keys. Returns the same structure with floats."""
+    leaves = []
+
+    def flatten(d, prefix):
+        for k in sorted(d):  # sorted: the same order on every rank, whatever the insertion order
+            if isinstance(d[k], dict):
+                flatten(d[k], prefix + (k,))
+            else:
+                leaves.append((prefix + (k,), float(d[k])))
+
+    flatten(sums, ())
+    t = torch.tensor([v for _, v in leaves], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist()))
+    reduced = dict(zip([path for path, _ in leaves], t.tolist()))
+
+    def rebuild(d, prefix):
+        return {k: rebuild(v, prefix + (k,)) if isinstance(v, dict) else reduced[prefix + (k,)] for k, v in d.items()}
+
+    return rebuild(sums, ())
+
+
+def _bucket_sums(task, fields):
+    """Zeroed per-bucket sums {bucket: {field: 0}} in the task's declared bucket order ({} without buckets)."""
+    return {name: dict.fromkeys(fields, 0) for name in getattr(task, "buckets", None) or ()}
+
+
+def _bucket(buckets, conversation, i):
+    """The sums of problem i's bucket, or None for a task without buckets. NanochatError for a
+    conversation without a declared bucket."""
+    if not buckets:
+        return None
+    name = conversation.get("bucket")
+    if name not in buckets:
+        raise NanochatError(f"problem {i} has bucket {name!r}, not one of the task's declared buckets {', '.join(buckets)}")
+    return buckets[name]
 
 
 def select_problems(num_problems, max_problems=-1, seed=42):
@@ -127,15 +175,18 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
     Score categorical problems task[i] for i in indices. model(idx) -> fp32 logits [B, T, vocab_size].
     The predicted letter is judged by task.evaluate(conversation, letter).
     log: called with a progress line now and then, or None.
-    Returns (sums, outcomes): sums = {"problems", "correct", "chance", "cropped"} (chance: the sum of
-    1 / number of letters), outcomes = {index: (predicted letter, [logit of each letter], fp32 values)}.
+    Returns (sums, outcomes): sums = {"problems", "correct", "chance", "cropped", "buckets"} (chance:
+    the sum of 1 / number of letters; buckets: {bucket: {"problems", "correct"}} in the task's
+    declared order, {} without buckets), outcomes = {index: (predicted letter, [logit of each letter],
+    fp32 values)}.
     """
     device = model.lm_head.weight.device
     limit = getattr(model, "rotary_seq_len", None) or model.config.sequence_len
     vocab_size = model.config.vocab_size
-    items, cropped, chance = [], 0, 0.0
+    items, cropped, chance, buckets = [], 0, 0.0, _bucket_sums(task, ("problems", "correct"))
     for i in indices:
         conversation = task[i]
+        _bucket(buckets, conversation, i)  # checked before any forward pass
         letters = conversation["letters"]
         ids, cut = fit_prompt(tokenizer.render_for_completion(conversation), limit)
         cropped += cut
@@ -158,19 +209,31 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
             letter_logits = final[row, letter_ids]
             predicted = conversation["letters"][int(letter_logits.argmax())]
             outcomes[i] = (predicted, letter_logits.tolist())
-            correct += bool(task.evaluate(conversation, predicted))
+            ok = bool(task.evaluate(conversation, predicted))
+            correct += ok
+            if (bucket := _bucket(buckets, conversation, i)) is not None:
+                bucket["problems"] += 1
+                bucket["correct"] += ok
         if log is not None and (start - reported >= max(1, len(items) // 10) or start == len(items)):
             reported = start
             log(f"  {start}/{len(items)} problems scored ({time.time() - t0:.0f}s)")
-    return {"problems": len(items), "correct": correct, "chance": chance, "cropped": cropped}, outcomes
+    return {"problems": len(items), "correct": correct, "chance": chance, "cropped": cropped, "buckets": buckets}, outcomes
+
+
+def _has_score(task):
+    """Whether the task reports a coverage: a score(conversation, completion) -> {"coverage", ...} method."""
+    return callable(getattr(task, "score", None))
 
 
 def _judge(task, conversation, completion):
-    """(correct, error message or None): a judge that raises is a failed sample, not a crash."""
+    """(correct, coverage or None, error message or None): a judge that raises is a failed sample,
+    not a crash, and has no coverage; so does a sample whose score() has no "coverage"."""
     try:
-        return bool(task.evaluate(conversation, completion)), None
+        correct = bool(task.evaluate(conversation, completion))
+        coverage = task.score(conversation, completion).get("coverage") if _has_score(task) else None
+        return correct, None if coverage is None else float(coverage), None
     except Exception as e:  # noqa: BLE001 - any failure of one sample's check is that sample failing
-        return False, f"{type(e).__name__}: {e}"
+        return False, None, f"{type(e).__name__}: {e}"
 
 
 def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=None, seed=42, batch_size=8, workers=4, log=None):
@@ -182,8 +245,10 @@ def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new
     problem i is sampled with its own seed + i, so its samples do not depend on the batching.
     log: called with a progress line now and then, or None.
     Returns (sums, outcomes): sums = {"problems", "samples", "correct_samples", "eval_errors",
-    "cropped", "pass@k" for k in report_ks(num_samples)} (pass@k summed over problems),
-    outcomes = {index: list of (completion, correct)}.
+    "cropped", "pass@k" for k in report_ks(num_samples), "buckets"} (pass@k summed over problems;
+    buckets: {bucket: {"problems", "pass@1"}} in the task's declared order, {} without buckets), and
+    for a task with score(): "coverage" (summed over the samples that have one) and
+    "coverage_samples" (their number), per bucket too; outcomes = {index: list of (completion, correct)}.
     """
     from nanochat.engine import GenerationRequest
 
@@ -192,6 +257,8 @@ def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new
     if limit < 1:
         raise NanochatError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's {limit + max_new_tokens} positions")
     ks = report_ks(num_samples)
+    coverage_fields = ("coverage", "coverage_samples") if _has_score(task) else ()
+    buckets = _bucket_sums(task, ("problems", "pass@1") + coverage_fields)
     pending, cropped, first_error = [], 0, None
     t0, reported = time.time(), 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chat-eval-judge") as pool:
@@ -199,6 +266,7 @@ def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new
             chunk = indices[start : start + batch_size]
             conversations, requests = [task[i] for i in chunk], []
             for i, conversation in zip(chunk, conversations):
+                _bucket(buckets, conversation, i)  # checked before generating
                 ids, cut = fit_prompt(tokenizer.render_for_completion(conversation), limit)
                 cropped += cut
                 requests.append(GenerationRequest(ids, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i))
@@ -209,23 +277,34 @@ def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new
                         samples[e.key][e.sample].append(e.token)
             for i, conversation, tokens in zip(chunk, conversations, samples):
                 completions = [tokenizer.decode(t) for t in tokens]
-                pending.append((i, completions, [pool.submit(_judge, task, conversation, c) for c in completions]))
+                pending.append((i, conversation, completions, [pool.submit(_judge, task, conversation, c) for c in completions]))
             done = start + len(chunk)
             if log is not None and (done - reported >= max(1, len(indices) // 10) or done == len(indices)):
                 reported = done
                 log(f"  {done}/{len(indices)} problems generated ({time.time() - t0:.0f}s)")
         sums = {"problems": len(indices), "samples": len(indices) * num_samples, "correct_samples": 0, "eval_errors": 0, "cropped": cropped} | {f"pass@{k}": 0.0 for k in ks}
+        sums |= dict.fromkeys(coverage_fields, 0.0) | {"buckets": buckets}
         outcomes = {}
-        for i, completions, futures in pending:
+        for i, conversation, completions, futures in pending:
             judged = [f.result() for f in futures]
-            c = sum(ok for ok, _ in judged)
-            errors = [err for _, err in judged if err is not None]
+            c = sum(ok for ok, _, _ in judged)
+            errors = [err for _, _, err in judged if err is not None]
+            coverages = [coverage for _, coverage, _ in judged if coverage is not None]
             sums["correct_samples"] += c
             sums["eval_errors"] += len(errors)
             first_error = first_error or (errors[0] if errors else None)
             for k in ks:
                 sums[f"pass@{k}"] += pass_at_k(num_samples, c, k)
-            outcomes[i] = [(completion, ok) for completion, (ok, _) in zip(completions, judged)]
+            if coverage_fields:
+                sums["coverage"] += sum(coverages)
+                sums["coverage_samples"] += len(coverages)
+            if (bucket := _bucket(buckets, conversation, i)) is not None:
+                bucket["problems"] += 1
+                bucket["pass@1"] += c / num_samples  # pass_at_k(num_samples, c, 1)
+                if coverage_fields:
+                    bucket["coverage"] += sum(coverages)
+                    bucket["coverage_samples"] += len(coverages)
+            outcomes[i] = [(completion, ok) for completion, (ok, _, _) in zip(completions, judged)]
     if first_error and log is not None:
         log(f"  {sums['eval_errors']} sample(s) failed in the judge, e.g. {first_error}")
     return sums, outcomes
@@ -235,13 +314,33 @@ def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new
 # One task, all ranks
 
 
+def _mean_coverage(sums):
+    """Mean coverage of summed sums: None without coverage sums or samples."""
+    return sums["coverage"] / sums["coverage_samples"] if sums.get("coverage_samples") else None
+
+
+def _bucket_result(b, correct_key):
+    """One bucket's entry of evaluate_task's "buckets" from its summed sums (correct_key: the sum of
+    per-problem scores, "correct" or "pass@1")."""
+    n = int(b["problems"])
+    accuracy = b[correct_key] / n if n else None
+    entry = {"problems": n, "accuracy": accuracy, "ci95": list(wilson(accuracy, n)) if n else None}
+    if "coverage_samples" in b:
+        entry["coverage"] = _mean_coverage(b)
+    return entry
+
+
 def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=None, seed=42, log=None):
     """
     Evaluate one task (categorical or generative, from task.eval_type) on all ranks; every rank
-    must call this. Returns a dict: task, eval_type, problems, accuracy, chance, centered, cropped
-    (prompts cut to fit the model), and for generative tasks num_samples, pass@k ({k: value}),
-    eval_errors; time_s.
-    Raises NanochatError for a task without an evaluation or with no problems.
+    must call this. Returns a dict: task, eval_type, problems, accuracy, ci95 ([lo, hi], the Wilson
+    95% interval of the accuracy on the problems), chance, centered, cropped (prompts cut to fit the
+    model), and for generative tasks num_samples, pass@k ({k: value}), eval_errors; for a task with
+    score(): coverage (mean over the samples); for a task with buckets: buckets ({bucket: {"problems",
+    "accuracy", "ci95", "coverage" with score()}} in the declared order; accuracy and ci95 None, and
+    coverage None, for a bucket without problems or samples); time_s.
+    Raises NanochatError for a task without an evaluation or with no problems, or a problem whose
+    bucket the task does not declare.
     """
     from nanochat.engine import Engine
 
@@ -262,6 +361,7 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
         problems = int(sums["problems"])
         accuracy, chance = sums["correct"] / problems, sums["chance"] / problems
         result = {"task": name, "eval_type": "categorical", "problems": problems, "accuracy": accuracy, "chance": chance}
+        correct_key = "correct"
     else:
         engine = Engine(model, tokenizer)
         sums, _ = evaluate_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k, seed, batch_size, log=log if rank == 0 else None)
@@ -269,6 +369,12 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
         problems = int(sums["problems"])
         pass_k = {k: sums[f"pass@{k}"] / problems for k in report_ks(num_samples)}
         result = {"task": name, "eval_type": "generative", "problems": problems, "accuracy": pass_k[1], "chance": 0.0, "num_samples": num_samples, "pass_at_k": pass_k, "eval_errors": int(sums["eval_errors"])}
+        correct_key = "pass@1"
+    result["ci95"] = list(wilson(result["accuracy"], problems))
+    if _mean_coverage(sums) is not None:
+        result["coverage"] = _mean_coverage(sums)
+    if getattr(task, "buckets", None):
+        result["buckets"] = {bucket: _bucket_result(b, correct_key) for bucket, b in sums["buckets"].items()}
     result["centered"] = centered(result["accuracy"], result["chance"])
     result["cropped"] = int(sums["cropped"])
     result["time_s"] = time.time() - t0
@@ -281,15 +387,43 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
 
 def format_table(results, chatcore, suite):
     """A markdown table of evaluate_task results (one row per task) and, unless chatcore is None, the
-    ChatCORE line. suite: the task names a full ChatCORE averages over (tasks.recipe.CHAT_TASKS); the
-    line says when the results cover only some of them."""
+    ChatCORE line, then the per-bucket table (bucket_table) when a result has buckets. suite: the task
+    names a full ChatCORE averages over (tasks.recipe.CHAT_TASKS); the line says when the results
+    cover only some of them (results outside the suite, e.g. MultiHop, do not count)."""
     lines = ["| task | type | problems | accuracy | chance | centred | pass@k | time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         pass_k = ", ".join(f"pass@{k} {v:.4f}" for k, v in r.get("pass_at_k", {}).items() if k != 1) or "-"
         lines.append(f"| {r['task']} | {r['eval_type']} | {r['problems']} | {r['accuracy']:.4f} | {r['chance']:.4f} | {r['centered']:+.4f} | {pass_k} | {r['time_s']:.1f} |")
     if chatcore is not None:
-        names = {r["task"] for r in results}
+        names = {r["task"] for r in results} & set(suite)
         scope = f"all {len(suite)} tasks" if names == set(suite) else \
             f"{len(names)} of the {len(suite)} tasks: not comparable to a full ChatCORE"
         lines.append(f"\nChatCORE {chatcore:.4f} (mean centred score over {scope})")
+    buckets = bucket_table(results)
+    return "\n".join(lines + (["", buckets] if buckets else []))
+
+
+def bucket_table(results):
+    """
+    A markdown table of the difficulty buckets of evaluate_task results, the one every stage that
+    evaluates prints (chat_eval through format_table; RSFT, GRPO): per task with buckets or a coverage, one row per bucket in the task's order and
+    an "all" row, with n (problems), accuracy, its Wilson 95% interval and, when some task has one,
+    the mean coverage. "" when no result has buckets or a coverage.
+    """
+    shown = [r for r in results if r.get("buckets") or "coverage" in r]
+    if not shown:
+        return ""
+    with_coverage = any("coverage" in r for r in shown)
+
+    def number(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    columns = ["task", "bucket", "n", "accuracy", "95% interval"] + (["coverage"] if with_coverage else [])
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for r in shown:
+        overall = {"problems": r["problems"], "accuracy": r["accuracy"], "ci95": r.get("ci95"), "coverage": r.get("coverage")}
+        for bucket, b in list(r.get("buckets", {}).items()) + [("all", overall)]:
+            interval = "-" if b["ci95"] is None else f"[{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]"
+            cells = [r["task"], bucket, str(b["problems"]), number(b["accuracy"]), interval]
+            lines.append("| " + " | ".join(cells + ([number(b.get("coverage"))] if with_coverage else [])) + " |")
     return "\n".join(lines)

@@ -1,15 +1,18 @@
 """
 Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter's logit),
 GSM8K, HumanEval and SpellingBee (generative, through the engine with the python tool; pass@k),
-and their ChatCORE (nanochat/chat_eval.py).
+and their ChatCORE (nanochat/chat_eval.py). MultiHop (tasks/multihop.py) is evaluated on request
+(--tasks MultiHop) and stays outside ChatCORE, so that ChatCORE remains comparable with earlier runs.
 
     python -m scripts.chat_eval --source sft                            # everything, greedy
     python -m scripts.chat_eval --source mid --tasks ARC-Easy,GSM8K --max-problems 200
     python -m scripts.chat_eval --source sft --tasks HumanEval --num-samples 10 --temperature 0.8
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval --source sft
 
-Prints the table and writes <base_dir>/report/chat-eval-<source>.json and .md (rank 0); the results
-also go to the run registry under the run that wrote the checkpoint (nanochat/registry.py).
+Prints the table, then the accuracy per difficulty bucket with n and a 95% interval (MultiHop by
+hops, GSM8K by solution steps, ARC by set, MMLU by subject group), and writes both to
+<base_dir>/report/chat-eval-<source>.json and .md (rank 0); the results also go to the run registry
+under the run that wrote the checkpoint (nanochat/registry.py).
 """
 
 import argparse
@@ -22,16 +25,16 @@ from nanochat.checkpoint_manager import STAGES, apply_model_ref, checkpoint_dir,
 from nanochat import report as run_report
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.registry import chat_eval_rows, record_evals
-from tasks.recipe import CHAT_TASKS, load_chat_task
+from tasks.recipe import CHAT_TASKS, EVAL_TASKS, load_chat_task
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE")
+    p = argparse.ArgumentParser(description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE (MultiHop on request)")
     p.add_argument("--source", type=str, default=None, choices=STAGES, help="stage of the checkpoint to evaluate (default: sft)")
     p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag (default: the newest of the stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(CHAT_TASKS)}")
+    p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(EVAL_TASKS)} (default: ChatCORE's {len(CHAT_TASKS)})")
     p.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all; else a fixed random subset)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of the categorical tasks")
@@ -43,9 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in CHAT_TASKS]
+    unknown = [t for t in args.tasks if t not in EVAL_TASKS]
     if unknown or not args.tasks:
-        raise NanochatError(f"--tasks {','.join(args.tasks)!r}: expected a comma-separated subset of {', '.join(CHAT_TASKS)}")
+        raise NanochatError(f"--tasks {','.join(args.tasks)!r}: expected a comma-separated subset of {', '.join(EVAL_TASKS)}")
     if args.max_problems == 0 or args.max_problems < -1:
         raise NanochatError(f"--max-problems {args.max_problems}: expected -1 (all) or >= 1")
     if args.batch_size < 1 or args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
@@ -84,9 +87,12 @@ def main(argv=None):
         )
         notes = f" | {r['cropped']} prompts cut to fit" if r["cropped"] else ""
         notes += f" | {r['eval_errors']} judge errors" if r.get("eval_errors") else ""
+        notes += f" | coverage {r['coverage']:.4f}" if "coverage" in r else ""
         print0(f"{name}: accuracy {r['accuracy']:.4f} (chance {r['chance']:.4f}, centred {r['centered']:+.4f}) on {r['problems']} problems in {r['time_s']:.1f}s{notes}")
         results.append(r)
-    chatcore = chat_core(results)
+    core_results = [r for r in results if r["task"] in CHAT_TASKS]  # MultiHop and the like stay outside ChatCORE
+    extra_results = [r for r in results if r["task"] not in CHAT_TASKS]
+    chatcore = chat_core(core_results)
     table = format_table(results, chatcore, CHAT_TASKS)
     print0(table)
 
@@ -110,7 +116,7 @@ def main(argv=None):
         atomic_write_bytes(path + ".md", (title + table + "\n").encode())
         print0(f"wrote {path}.json and .md")
         run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table})
-        record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(results, chatcore), "chat_eval")
+        record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(core_results, chatcore) + chat_eval_rows(extra_results, None), "chat_eval")
     compute_cleanup()
 
 

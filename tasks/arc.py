@@ -6,6 +6,11 @@ to letters A, B, C, ... by position, so every prompt reads the same.
 
 Local files: <tasks dir>/arc/{ARC-Easy,ARC-Challenge}-{Train,Dev,Test}.jsonl in the original AllenAI
 schema {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}; hub: allenai/ai2_arc.
+
+Difficulty buckets (nanochat/chat_eval.py reports accuracy per bucket): the set is the bucket, "Easy"
+or "Challenge" (the ARC authors' split: Challenge holds the questions that both a retrieval and a
+word co-occurrence baseline answered wrongly). One ARC task is one set, so it has one bucket; it is
+still declared, so that ARC's rows line up with the other tasks' in the per-bucket table.
 """
 
 import os
@@ -34,7 +39,8 @@ def arc_row_from_original(obj, where):
 
 
 class ARC(Task):
-    """ARC. subset: "ARC-Easy" | "ARC-Challenge"; split: "train" | "validation" | "test"."""
+    """ARC. subset: "ARC-Easy" | "ARC-Challenge"; split: "train" | "validation" | "test".
+    buckets: (the set without "ARC-",), which every conversation carries as "bucket"."""
 
     eval_type = "categorical"
 
@@ -42,6 +48,7 @@ class ARC(Task):
         super().__init__(**view)
         check_choice("ARC", "subset", subset, ("ARC-Easy", "ARC-Challenge"))
         check_choice("ARC", "split", split, tuple(LOCAL_SPLITS))
+        self.buckets = (subset.removeprefix("ARC-"),)
         path = os.path.join(resolve_tasks_dir(tasks_dir), "arc", f"{subset}-{LOCAL_SPLITS[split]}.jsonl")
         if os.path.exists(path):
             self.rows = [arc_row_from_original(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
@@ -59,6 +66,7 @@ class ARC(Task):
             "messages": [{"role": "user", "content": render_mc(row["question"], texts, letters)},
                          {"role": "assistant", "content": letters[labels.index(row["answerKey"])]}],
             "letters": letters,
+            "bucket": self.buckets[0],
         }
 
     def evaluate(self, conversation, completion):

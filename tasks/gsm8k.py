@@ -6,6 +6,12 @@ The solutions carry calculator annotations like "48/2 = <<48/2=24>>24"; each bec
 call so that the model learns to use the tool: text "48/2 = ", python "48/2", python_output "24",
 text "24 clips ...". Local files: <tasks dir>/gsm8k/{train,test}.jsonl ({"question", "answer"}, as in
 openai/grade-school-math; {split}_socratic.jsonl for the socratic subset); hub: openai/gsm8k.
+
+Difficulty buckets (conversation["bucket"], reported per bucket by nanochat/chat_eval.py): by the
+number of steps of the reference solution, "1-3", "4-5" or "6+". A step is a non-empty line of the
+solution before its "#### <answer>" line: the reference solutions put one step of reasoning, usually
+one calculation, on each line (the paper describes the problems as taking 2 to 8 steps). On the test
+split this gives 697 / 472 / 150 problems (2 to 11 steps; none has 1).
 """
 
 import os
@@ -16,6 +22,19 @@ from tasks.common import Task, assistant_text, check_choice, load_hub, read_json
 
 ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 ANSWER_RE = re.compile(r"####\s*([-+]?[$]?[0-9][0-9,]*(?:\.[0-9]+)?)")
+BUCKETS = ("1-3", "4-5", "6+")  # solution steps
+
+
+def solution_steps(answer):
+    """The number of steps of a reference solution (str): its non-empty lines before the last "####"
+    marker (all its non-empty lines when there is none)."""
+    marker = answer.rfind("####")
+    return sum(1 for line in (answer if marker < 0 else answer[:marker]).splitlines() if line.strip())
+
+
+def steps_bucket(steps):
+    """The bucket of a step count: at most 3 "1-3", 4-5 "4-5", more "6+"."""
+    return BUCKETS[0] if steps <= 3 else BUCKETS[1] if steps <= 5 else BUCKETS[2]
 
 
 def gsm8k_conversation(question, answer):
@@ -52,9 +71,11 @@ def answers_equal(predicted, reference):
 
 
 class GSM8K(Task):
-    """GSM8K. subset: "main" | "socratic"; split: "train" | "test"."""
+    """GSM8K. subset: "main" | "socratic"; split: "train" | "test". Conversations carry "steps" (the
+    reference solution's, solution_steps) and "bucket" (steps_bucket)."""
 
     eval_type = "generative"
+    buckets = BUCKETS
 
     def __init__(self, subset="main", split="train", tasks_dir=None, **view):
         super().__init__(**view)
@@ -79,7 +100,8 @@ class GSM8K(Task):
 
     def get_example(self, index):
         row = self.rows[index]
-        return gsm8k_conversation(row["question"], row["answer"])
+        steps = solution_steps(row["answer"])
+        return gsm8k_conversation(row["question"], row["answer"]) | {"steps": steps, "bucket": steps_bucket(steps)}
 
     def evaluate(self, conversation, completion):
         reference = extract_answer(assistant_text(conversation["messages"][-1]))

@@ -15,9 +15,10 @@ or "count" (that many examples, repeating or subsampling), or neither (every exa
 weights cannot be mixed with counts or with unweighted entries.
 A malformed recipe raises NanochatError("<file>: <what is wrong>").
 
-The task registries live here, next to each other: TASKS (recipe names -> classes) and the chat
-evaluation suite CHAT_TASKS with load_chat_task(name). The library (nanochat/) never imports tasks/:
-scripts build task objects here and hand them to it.
+The task registries live here, next to each other: TASKS (recipe names -> classes), the chat
+evaluation suite CHAT_TASKS (ChatCORE's), the tasks evaluated on request besides (EVAL_TASKS) and
+load_chat_task(name). The library (nanochat/) never imports tasks/: scripts build task objects here
+and hand them to it.
 """
 
 import inspect
@@ -51,15 +52,25 @@ CHAT_EVAL_SPLITS = {
     "SpellingBee": (SpellingBee, {"size": 256, "split": "test"}),
 }
 CHAT_TASKS = tuple(CHAT_EVAL_SPLITS)
+# Evaluated on request only (scripts/chat_eval.py --tasks), outside ChatCORE: its suite stays the six
+# above, so that ChatCORE remains comparable with earlier runs. MultiHop is generated: no data files.
+EXTRA_EVAL_SPLITS = {
+    "MultiHop": (MultiHop, {"split": "test"}),
+}
+EVAL_TASKS = CHAT_TASKS + tuple(EXTRA_EVAL_SPLITS)
 
 
 def load_chat_task(name, tasks_dir=None):
-    """The evaluation split of the chat task `name` (one of CHAT_TASKS), a Task with an eval_type.
+    """The evaluation split of the chat task `name` (one of EVAL_TASKS), a Task with an eval_type.
+    tasks_dir goes to the tasks that read data files (a generated task takes none).
     Raises NanochatError for an unknown name or missing data."""
-    if name not in CHAT_EVAL_SPLITS:
-        raise NanochatError(f"unknown chat task {name!r}; expected one of {', '.join(CHAT_TASKS)}")
-    cls, args = CHAT_EVAL_SPLITS[name]
-    return cls(**args, tasks_dir=tasks_dir)
+    splits = CHAT_EVAL_SPLITS | EXTRA_EVAL_SPLITS
+    if name not in splits:
+        raise NanochatError(f"unknown chat task {name!r}; expected one of {', '.join(EVAL_TASKS)}")
+    cls, args = splits[name]
+    if "tasks_dir" in inspect.signature(cls).parameters:
+        args = args | {"tasks_dir": tasks_dir}
+    return cls(**args)
 
 
 def load_recipe(path, tasks_dir=None):

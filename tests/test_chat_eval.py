@@ -2,8 +2,10 @@
 Chat evaluation (nanochat/chat_eval.py): categorical scoring with stand-in models whose answers are
 known, batched vs one-at-a-time scoring on a real tiny GPT, generative scoring and pass@k with a
 scripted engine, HumanEval programs that pass, hang or exit early in the sandbox, the ChatCORE
-centring, the suite (tasks.recipe.CHAT_TASKS, load_chat_task) and that the library never imports
-tasks/. The end-to-end script run is in tests/test_mid_train.py.
+centring, difficulty buckets (per-bucket sums that add up to the totals, accuracies and Wilson
+intervals known by hand, coverage, MultiHop through the loop, the bucket table), the suite
+(tasks.recipe.CHAT_TASKS, EVAL_TASKS, load_chat_task) and that the library never imports tasks/.
+The end-to-end script run is in tests/test_mid_train.py.
 """
 
 import ast
@@ -18,6 +20,7 @@ import torch
 from conftest import byte_tokenizer
 from helpers.scripts_util import REPO, SHARED_DATA
 from nanochat.chat_eval import (
+    bucket_table,
     centered,
     chat_core,
     evaluate_categorical,
@@ -33,7 +36,8 @@ from nanochat.common import NanochatError
 from nanochat.engine import TokenEvent
 from nanochat.gpt import GPT, GPTConfig
 from tasks.common import Task
-from tasks.recipe import CHAT_TASKS, load_chat_task
+from tasks.multihop import BUCKETS as MULTIHOP_BUCKETS, MultiHop
+from tasks.recipe import CHAT_TASKS, EVAL_TASKS, load_chat_task
 
 TOK = byte_tokenizer()
 LETTERS = "ABCDE"
@@ -270,6 +274,139 @@ def test_humaneval_in_the_sandbox_pass_hang_and_early_exit_are_judged():
     assert sums["pass@1"] == pytest.approx(2 * 0.25) and sums["pass@4"] == pytest.approx(2.0)
 
 
+# ------------------------------------------------------------------------------------------------ buckets
+
+
+class BucketMCTask(MCTask):
+    """MCTask with buckets: problems 0-3 "low" (0 and 2 right: 2 of 4), 4-10 "high" (4, 6, 8, 10
+    right: 4 of 7), none in "empty"."""
+
+    buckets = ("low", "high", "empty")
+
+    def get_example(self, index):
+        return self.items[index] | {"bucket": "low" if index < 4 else "high"}
+
+
+def add_sums(a, b):
+    return {k: add_sums(a[k], b[k]) if isinstance(a[k], dict) else a[k] + b[k] for k in a}
+
+
+def test_categorical_bucket_sums_add_up_and_give_the_known_accuracies():
+    model, task = LetterModel(TOK.vocab_size), BucketMCTask()
+    sums, _ = evaluate_categorical(model, TOK, task, list(range(11)), batch_size=4)
+    assert list(sums["buckets"]) == ["low", "high", "empty"]  # the declared order, empty buckets included
+    assert sums["buckets"] == {"low": {"problems": 4, "correct": 2}, "high": {"problems": 7, "correct": 4}, "empty": {"problems": 0, "correct": 0}}
+    for key in ("problems", "correct"):
+        assert sum(b[key] for b in sums["buckets"].values()) == sums[key]
+    # two ranks' stripes summed (what the all-reduce does) equal one process's sums
+    halves = [evaluate_categorical(model, TOK, task, list(range(11))[r::2], batch_size=4)[0] for r in (0, 1)]
+    assert add_sums(*halves) == sums
+    with pytest.raises(NanochatError, match="problem 3 has bucket 'odd', not one of the task's declared buckets low, high, empty"):
+        evaluate_categorical(model, TOK, type("Odd", (BucketMCTask,), {"get_example": lambda self, i: self.items[i] | {"bucket": "odd"}})(), [3])
+
+
+def test_evaluate_task_reports_buckets_with_wilson_intervals():
+    r = evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", BucketMCTask(), batch_size=3)
+    b = r["buckets"]
+    assert list(b) == ["low", "high", "empty"] and "coverage" not in r
+    assert b["low"]["problems"] == 4 and b["low"]["accuracy"] == 0.5 and b["high"]["accuracy"] == pytest.approx(4 / 7)
+    # Wilson by hand, z = 1.96: 2 of 4 -> centre (0.5 + z^2/8) / (1 + z^2/4) = 0.5, half-width
+    # z sqrt(1/16 + z^2/64) / (1 + z^2/4) = 0.34996; 4 of 7 -> centre 0.54612, half-width 0.29566
+    assert b["low"]["ci95"] == [pytest.approx(0.15004, abs=1e-5), pytest.approx(0.84996, abs=1e-5)]
+    assert b["high"]["ci95"] == [pytest.approx(0.25046, abs=1e-5), pytest.approx(0.84178, abs=1e-5)]
+    assert b["empty"] == {"problems": 0, "accuracy": None, "ci95": None}
+    lo, hi = r["ci95"]  # the whole task: 6 of 11
+    assert lo < 6 / 11 < hi and hi - lo < b["low"]["ci95"][1] - b["low"]["ci95"][0]
+    # a task without buckets has none
+    assert "buckets" not in evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", MCTask(), batch_size=3)
+
+
+class BucketCountTask(CountTask):
+    """CountTask with buckets "small" (problems 0-3) and "large" (4-7), and a coverage: 1.0 for a
+    right sample, 0.5 for a wrong one."""
+
+    buckets = ("small", "large")
+
+    def get_example(self, index):
+        return super().get_example(index) | {"bucket": "small" if index < 4 else "large"}
+
+    def score(self, conversation, completion):
+        return {"coverage": 1.0 if self.evaluate(conversation, completion) else 0.5}
+
+
+def count_reply(n):
+    def reply(prompt, sample, seed):
+        i = int(prompt.split("count ")[1][0])
+        return f"#### {i}" if sample < i % (n + 1) else "#### -1"  # problem i: i mod 5 correct samples of n (capped)
+    return reply
+
+
+def test_generative_bucket_pass_at_1_and_coverage(monkeypatch):
+    # 4 samples; right samples per problem 0..7: 0 1 2 3 (4: the judge raises) 0 1 2
+    engine, task = ScriptedEngine(count_reply(4)), BucketCountTask()
+    sums, _ = evaluate_generative(engine, TOK, task, list(range(8)), num_samples=4, max_new_tokens=16, temperature=0.7, batch_size=3)
+    small, large = sums["buckets"]["small"], sums["buckets"]["large"]
+    assert small["problems"] == 4 and small["pass@1"] == pytest.approx((0 + 1 + 2 + 3) / 4)
+    assert large["problems"] == 4 and large["pass@1"] == pytest.approx((0 + 0 + 1 + 2) / 4)
+    assert small["pass@1"] + large["pass@1"] == pytest.approx(sums["pass@1"])
+    # coverage: problem 4's samples failed in the judge and have none
+    assert (small["coverage_samples"], large["coverage_samples"], sums["coverage_samples"]) == (16, 12, 28)
+    assert small["coverage"] == pytest.approx(6 + 10 * 0.5) and large["coverage"] == pytest.approx(3 + 9 * 0.5)
+    assert sums["coverage"] == pytest.approx(small["coverage"] + large["coverage"])
+
+    monkeypatch.setattr("nanochat.engine.Engine", lambda model, tokenizer: engine)
+    r = evaluate_task(engine.model, TOK, "Count", task, num_samples=4, temperature=0.7)
+    assert r["accuracy"] == pytest.approx(2.25 / 8) and r["coverage"] == pytest.approx(18.5 / 28)
+    assert r["buckets"]["small"]["accuracy"] == pytest.approx(0.375) and r["buckets"]["small"]["coverage"] == pytest.approx(11 / 16)
+    assert r["buckets"]["large"]["accuracy"] == pytest.approx(0.1875) and r["buckets"]["large"]["coverage"] == pytest.approx(0.625)
+    # pass@1 of 4 samples as the proportion on 4 problems (the documented approximation)
+    assert r["buckets"]["small"]["ci95"] == [pytest.approx(0.09190, abs=1e-5), pytest.approx(0.78057, abs=1e-5)]
+
+
+def test_multihop_buckets_and_coverage_through_the_loop():
+    # MultiHop declares its buckets on the class once tasks/multihop.py has `buckets = BUCKETS`; until then a subclass does
+    task = type("MultiHopWithBuckets", (MultiHop,), {"buckets": MULTIHOP_BUCKETS})(split="test", size=30)
+    by_prompt = {TOK.decode(TOK.render_for_completion(task[i])): task[i] for i in range(len(task))}
+
+    def reply(prompt, sample, seed):  # easy: all right; medium: right answer, no trace; hard: right trace, wrong answer
+        c = by_prompt[prompt]
+        trace = "\n".join(c["path"]) + "\n"
+        return {"easy": trace + f"ANSWER: {c['answer']}", "medium": f"ANSWER: {c['answer']}", "hard": trace + "ANSWER: Nobody"}[c["bucket"]]
+
+    sums, _ = evaluate_generative(ScriptedEngine(reply), TOK, task, list(range(len(task))), max_new_tokens=64)
+    buckets = sums["buckets"]
+    assert list(buckets) == ["easy", "medium", "hard"] and all(b["problems"] > 0 for b in buckets.values())
+    assert sum(b["problems"] for b in buckets.values()) == 30
+    assert buckets["easy"]["pass@1"] == buckets["easy"]["problems"] and buckets["easy"]["coverage"] == buckets["easy"]["coverage_samples"]
+    assert buckets["medium"]["pass@1"] == buckets["medium"]["problems"] and buckets["medium"]["coverage"] == 0
+    assert buckets["hard"]["pass@1"] == 0 and buckets["hard"]["coverage"] == buckets["hard"]["coverage_samples"]
+    assert sums["pass@1"] == buckets["easy"]["problems"] + buckets["medium"]["problems"]
+
+
+def test_bucket_table_rows_and_the_report_table():
+    mc = {"task": "MC", "eval_type": "categorical", "problems": 11, "accuracy": 6 / 11, "ci95": [0.28, 0.79], "chance": 0.25, "centered": 0.4, "time_s": 1.0,
+          "buckets": {"low": {"problems": 4, "accuracy": 0.5, "ci95": [0.15004, 0.84996]}, "empty": {"problems": 0, "accuracy": None, "ci95": None}}}
+    hop = {"task": "MultiHop", "eval_type": "generative", "problems": 2, "accuracy": 0.5, "ci95": [0.1, 0.9], "chance": 0.0, "centered": 0.5, "time_s": 1.0, "coverage": 0.75,
+           "buckets": {"easy": {"problems": 2, "accuracy": 0.5, "ci95": [0.1, 0.9], "coverage": 0.75}}}
+    plain = {"task": "HumanEval", "eval_type": "generative", "problems": 3, "accuracy": 0.0, "chance": 0.0, "centered": 0.0, "time_s": 1.0}
+    assert bucket_table([plain]) == ""
+    assert bucket_table([mc, plain, hop]).splitlines() == [
+        "| task | bucket | n | accuracy | 95% interval | coverage |",
+        "|---|---|---|---|---|---|",
+        "| MC | low | 4 | 0.5000 | [0.1500, 0.8500] | - |",
+        "| MC | empty | 0 | - | - | - |",
+        "| MC | all | 11 | 0.5455 | [0.2800, 0.7900] | - |",
+        "| MultiHop | easy | 2 | 0.5000 | [0.1000, 0.9000] | 0.7500 |",
+        "| MultiHop | all | 2 | 0.5000 | [0.1000, 0.9000] | 0.7500 |",
+    ]
+    assert bucket_table([mc]).splitlines()[0] == "| task | bucket | n | accuracy | 95% interval |"
+    # after the main table and the ChatCORE line; a task outside the suite does not change ChatCORE's scope
+    suite = [dict(plain, task=name) for name in CHAT_TASKS]
+    table = format_table(suite + [hop], 0.0, CHAT_TASKS)
+    assert "ChatCORE 0.0000 (mean centred score over all 6 tasks)\n\n| task | bucket |" in table
+    assert table.endswith("| MultiHop | all | 2 | 0.5000 | [0.1000, 0.9000] | 0.7500 |")
+
+
 # ------------------------------------------------------------------------------------------------ the suite and the layering
 
 
@@ -307,6 +444,10 @@ def test_chat_suite_and_its_table_line():
     results = [dict(r, task=name) for name in CHAT_TASKS]
     assert format_table(results, 0.5, CHAT_TASKS).endswith("ChatCORE 0.5000 (mean centred score over all 6 tasks)")
     assert "ChatCORE" not in format_table(results, None, CHAT_TASKS)
+    # MultiHop is evaluated on request, outside ChatCORE, and needs no data files
+    assert EVAL_TASKS == CHAT_TASKS + ("MultiHop",)
+    task = load_chat_task("MultiHop", "/nonexistent/tasks")
+    assert isinstance(task, MultiHop) and task.split == "test" and len(task) == 1000 and task.eval_type == "generative"
 
 
 @needs_tasks

@@ -24,9 +24,9 @@ from nanochat.execution import run_tool_call
 from tasks.arc import ARC, arc_row_from_original
 from tasks.common import Task, TaskMixture, TaskSequence, extract_choice, validate_conversation
 from tasks.customjson import CustomJSON, Identity
-from tasks.gsm8k import GSM8K, extract_answer
+from tasks.gsm8k import GSM8K, extract_answer, solution_steps, steps_bucket
 from tasks.humaneval import HumanEval
-from tasks.mmlu import MMLU, read_mmlu_csv
+from tasks.mmlu import GROUPS, MMLU, SUBJECT_GROUPS, read_mmlu_csv, subject_group
 from tasks.recipe import load_recipe
 from tasks.smoltalk import TEST_EVERY, SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -121,8 +121,51 @@ def test_gsm8k_answer_checking(shared_env):
     assert extract_answer("#### 1,080") == "1080" and extract_answer("#### $5") == "5"
 
 
+def test_gsm8k_steps_are_the_solution_lines_before_the_answer():
+    two = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert solution_steps(two) == 2
+    assert solution_steps("a\n\n  \nb\nc\n#### 3") == 3  # blank lines are not steps
+    assert solution_steps("a\nb\nc\nd\n#### 4") == 4
+    assert solution_steps("one line, no marker") == 1
+    assert solution_steps("#### 5") == 0
+    assert solution_steps("a = #### b\nc\n#### 6") == 2  # only the last marker ends the solution
+    assert [steps_bucket(n) for n in range(1, 9)] == ["1-3"] * 3 + ["4-5"] * 2 + ["6+"] * 3
+    assert GSM8K.buckets == ("1-3", "4-5", "6+")
+
+
+@needs_shared
+def test_gsm8k_conversations_carry_their_step_bucket(shared_env):
+    task = GSM8K(split="test")
+    assert task[0]["steps"] == solution_steps(task.rows[0]["answer"]) and task[0]["bucket"] == steps_bucket(task[0]["steps"])
+    counts = Counter(task[i]["bucket"] for i in range(len(task)))
+    assert counts == {"1-3": 697, "4-5": 472, "6+": 150}
+
+
 # -----------------------------------------------------------------------------
 # MMLU and ARC
+
+def test_mmlu_subject_groups_cover_the_57_subjects():
+    assert len(SUBJECT_GROUPS) == 57 and set(SUBJECT_GROUPS.values()) == set(GROUPS)
+    assert Counter(SUBJECT_GROUPS.values()) == {"STEM": 18, "humanities": 13, "social sciences": 12, "other": 14}
+    assert [subject_group(s) for s in ("college_physics", "anatomy", "professional_law", "econometrics")] == \
+        ["STEM", "other", "humanities", "social sciences"]
+    with pytest.raises(NanochatError, match="unknown subject 'astrology': not one of the 57 MMLU subjects"):
+        subject_group("astrology")
+
+
+@needs_shared
+def test_mmlu_local_subjects_all_map_and_conversations_carry_their_group(shared_env):
+    for folder in ("dev", "val", "test"):
+        subjects = {p.name[: -len(f"_{folder}.csv")] for p in (SHARED / "tasks" / "mmlu" / folder).glob("*.csv")}
+        assert subjects == set(SUBJECT_GROUPS), folder
+    task = MMLU(split="dev")
+    assert task.buckets == GROUPS
+    assert all(c["bucket"] == SUBJECT_GROUPS[c["subject"]] for c in task)
+    assert Counter(c["bucket"] for c in task) == {g: 5 * n for g, n in Counter(SUBJECT_GROUPS.values()).items()}
+    aux = MMLU(split="auxiliary_train")  # other data sets, not the 57 subjects: no buckets
+    assert aux.buckets is None and "bucket" not in aux[0]
+
+
 
 @needs_shared
 def test_mmlu_parsing(shared_env):
@@ -171,6 +214,9 @@ def test_arc_parsing(shared_env):
         assert not task.evaluate(conversation, next(x for x in conversation["letters"] if x != reply(conversation)))
     with pytest.raises(NanochatError, match="answerKey 'F' is not one of"):
         arc_row_from_original(dict(rows[0], answerKey="F"), "x.jsonl:1")
+    for subset, bucket in (("ARC-Easy", "Easy"), ("ARC-Challenge", "Challenge")):
+        task = ARC(subset, "test")
+        assert task.buckets == (bucket,) and task[0]["bucket"] == task[-1]["bucket"] == bucket
 
 
 # -----------------------------------------------------------------------------
