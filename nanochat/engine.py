@@ -13,7 +13,7 @@ The assistant can call the python tool: when a row emits <|python_start|> code <
 engine runs the code in the sandbox (nanochat/execution.py) and forces <|output_start|> result
 <|output_end|> into that row's stream.
 
-Layers, bottom up: KVCache (tensors) -> sample_next_token -> DecodeBatch (rows, tool use, stops)
+Layers, bottom up: KVCache (tensors) -> sample_tokens -> DecodeBatch (rows, tool use, stops)
 -> Engine (generate / generate_batch for one prompt, generate_many for several).
 """
 
@@ -28,16 +28,18 @@ from nanochat.common import NanochatError
 
 class KVCache:
     """
-    Keys and values of every layer, preallocated: k, v each [n_layer, B, max_len, n_kv_head, head_dim].
+    Keys and values of every layer, preallocated: k, v each [n_layer, capacity, max_len, n_kv_head,
+    head_dim], of which the first batch_size rows are in use (capacity >= batch_size leaves room
+    for rows to join without a new allocation).
     `pos` is the number of slots already written (the same for every row of the batch).
-    `left_pad` is None (every row starts at slot 0) or int64 [B] on the cache's device: row b's
-    first left_pad[b] slots are padding, hidden by attention, and its token in slot s has position
-    s - left_pad[b]. The GPT reads `pos` and `left_pad`, and calls insert_kv / advance.
+    `pad` (host list) / `left_pad` (None when no row is padded, else int64 [batch_size] on the
+    cache's device): row b's first pad[b] slots are padding, hidden by attention, and its token in
+    slot s has position s - pad[b]. The GPT reads `pos` and `left_pad`, and calls insert_kv / advance.
     """
 
-    def __init__(self, n_layer, batch_size, max_len, n_kv_head, head_dim, device, dtype, left_pad=None):
-        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
-        # zeros, not empty: slots that become left padding when caches are merged must hold finite
+    def __init__(self, n_layer, batch_size, max_len, n_kv_head, head_dim, device, dtype, left_pad=None, capacity=None):
+        shape = (n_layer, max(capacity or 0, batch_size), max_len, n_kv_head, head_dim)
+        # zeros, not empty: slots that become left padding when rows are merged must hold finite
         # values (attention weights them by 0, and 0 * NaN = NaN)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -46,52 +48,56 @@ class KVCache:
         self.set_left_pad(left_pad or [0] * batch_size)
 
     @classmethod
-    def for_model(cls, model, batch_size, max_len, left_pad=None):
+    def for_model(cls, model, batch_size, max_len, left_pad=None, capacity=None):
         """A cache shaped for model (fp32 on CPU, bf16 on CUDA, the model's compute dtype)."""
         c = model.config
         device = model.lm_head.weight.device
         dtype = model.get_compute_dtype(device)
-        return cls(c.n_layer, batch_size, max_len, c.n_kv_head, c.n_embd // c.n_head, device, dtype, left_pad)
+        return cls(c.n_layer, batch_size, max_len, c.n_kv_head, c.n_embd // c.n_head, device, dtype, left_pad, capacity)
 
     @property
     def batch_size(self):
+        return len(self.pad)
+
+    @property
+    def capacity(self):
         return self.k.size(1)
 
     def set_left_pad(self, left_pad):
-        """left_pad: B ints, padding slots at the start of each row (kept on the host too)."""
-        if len(left_pad) != self.batch_size:
-            raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {self.batch_size}")
+        """left_pad: one int per row in use (batch_size <= capacity): padding slots at its start."""
+        if not 0 < len(left_pad) <= self.capacity:
+            raise ValueError(f"left_pad has {len(left_pad)} entries for a cache of {self.capacity} rows")
         self.pad = [int(p) for p in left_pad]
         # None when no row is padded: the model then takes its mask-free attention paths
         self.left_pad = torch.tensor(self.pad, dtype=torch.long, device=self.k.device) if any(self.pad) else None
 
     def lengths(self):
-        """Tokens held per row (slots written minus padding): list of B ints."""
+        """Tokens held per row (slots written minus padding): list of batch_size ints."""
         return [self.pos - p for p in self.pad]
 
     def insert_kv(self, layer_idx, k, v):
-        """Write k, v [B, T, n_kv_head, head_dim] at positions pos..pos+T of layer layer_idx; return
-        the keys and values of positions 0..pos+T (views, no copy)."""
-        T = k.size(1)
+        """Write k, v [batch_size, T, n_kv_head, head_dim] at positions pos..pos+T of layer
+        layer_idx; return the keys and values of positions 0..pos+T (views, no copy)."""
+        B, T = k.shape[:2]
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer_idx, :, self.pos : end] = k
-        self.v[layer_idx, :, self.pos : end] = v
-        return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end]
+        self.k[layer_idx, :B, self.pos : end] = k
+        self.v[layer_idx, :B, self.pos : end] = v
+        return self.k[layer_idx, :B, :end], self.v[layer_idx, :B, :end]
 
     def advance(self, T):
         """Called by the model after its last layer: T new positions are now written."""
         self.pos += T
 
     @classmethod
-    def concat(cls, parts, max_len):
+    def concat(cls, parts, max_len, capacity=None):
         """
         A new cache holding the rows of several caches, right-aligned so that all rows end at the
         same slot. parts: list of (cache, rows, start): rows (list of ints, repeats allowed) of
         cache, its slots start..cache.pos (start drops leading slots that are padding in every
-        selected row). The result has pos = max(cache.pos - start) and max_len >= that; each row's
-        left padding grows by however far it was shifted right.
+        selected row). The result has pos = max(cache.pos - start), max_len >= that and at least
+        `capacity` rows; each row's left padding grows by however far it was shifted right.
         """
         first = parts[0][0]
         pos = max(c.pos - start for c, _, start in parts)
@@ -99,20 +105,51 @@ class KVCache:
             raise ValueError(f"max_len {max_len} < {pos} slots already written")
         n_layer, _, _, n_kv_head, head_dim = first.k.shape
         batch = sum(len(rows) for _, rows, _ in parts)
-        new = cls(n_layer, batch, max_len, n_kv_head, head_dim, first.k.device, first.k.dtype)
-        pad, b = [], 0
+        new = cls(n_layer, batch, max_len, n_kv_head, head_dim, first.k.device, first.k.dtype, capacity=capacity)
+        new.pos, pad, b = pos, [], 0
         for c, rows, start in parts:
-            shift = pos - (c.pos - start)
             if min((c.pad[r] for r in rows), default=start) < start:
                 raise ValueError(f"start {start} drops real tokens of a selected row")
-            idx = torch.tensor(rows, dtype=torch.long, device=c.k.device)
-            new.k[:, b : b + len(rows), shift:pos] = c.k[:, idx, start : c.pos]
-            new.v[:, b : b + len(rows), shift:pos] = c.v[:, idx, start : c.pos]
-            pad += [c.pad[r] - start + shift for r in rows]
+            pad += new._write(b, c, rows, start)
             b += len(rows)
-        new.pos = pos
         new.set_left_pad(pad)
         return new
+
+    def _write(self, b, src, rows, start=0):
+        """Copy slots start..src.pos of src's rows into rows b.. of this cache, right-aligned at
+        self.pos (>= src.pos - start); returns the rows' padding here (the caller sets it)."""
+        shift = self.pos - (src.pos - start)
+        idx = torch.tensor(rows, dtype=torch.long, device=src.k.device)
+        self.k[:, b : b + len(rows), shift : self.pos] = src.k[:, idx, start : src.pos]
+        self.v[:, b : b + len(rows), shift : self.pos] = src.v[:, idx, start : src.pos]
+        return [src.pad[r] - start + shift for r in rows]
+
+    def append_rows(self, src, rows):
+        """Add src's rows (list of ints) after the rows in use, in place: copies only those rows.
+        Needs batch_size + len(rows) <= capacity and src.pos <= pos (a new row is left-padded)."""
+        b = self.batch_size
+        if b + len(rows) > self.capacity or src.pos > self.pos:
+            raise ValueError(f"cannot append {len(rows)} rows of {src.pos} slots to a cache of {b}/{self.capacity} rows at slot {self.pos}")
+        self.set_left_pad(self.pad + self._write(b, src, rows))
+
+    def keep_rows(self, keep):
+        """Keep the rows `keep` (sorted list of row indices) in use, in place, and return their new
+        order: each row beyond len(keep) that stays moves into the slot of a row that goes (one
+        row's copy each, the rest of the cache untouched). Returns the list `order`: new row i
+        holds what old row order[i] held."""
+        n, kept = len(keep), set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        if holes:
+            h = torch.tensor(holes, device=self.k.device)
+            m = torch.tensor(movers, device=self.k.device)
+            self.k[:, h, : self.pos] = self.k[:, m, : self.pos]
+            self.v[:, h, : self.pos] = self.v[:, m, : self.pos]
+            for i, j in zip(holes, movers):
+                order[i] = j
+        self.set_left_pad([self.pad[i] for i in order])
+        return order
 
     def expand(self, batch_size):
         """A cache for batch_size rows, each a copy of row 0 of this one (shared prefill)."""
@@ -122,26 +159,45 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
-def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None):
+def sample_tokens(logits, temperature, uniform, top_k=None, top_p=None, max_k=None, any_greedy=True):
     """
-    logits: fp32 [B, V]. Returns int64 [B, 1]. temperature 0 -> argmax. top_k keeps the k most
-    likely tokens; top_p keeps the smallest set whose probability reaches p (Holtzman et al. 2019).
+    One token per row, each row with its own settings, in one set of batched tensor ops.
+
+    logits: fp32 [B, V]. temperature: fp32 [B] (0: greedy, the argmax). uniform: fp32 [B] in [0, 1),
+    the row's random number for this draw. top_k: None or int64 [B], the k most likely tokens kept
+    (0: all). top_p: None or fp32 [B], the smallest set of most likely tokens whose probability
+    reaches p kept (1: all; Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration").
+    max_k: a host int >= every top_k, when every row has one (so the candidates are found without
+    reading top_k back from the device); None: candidates are the whole sorted vocabulary.
+    any_greedy: False when no temperature is 0 (a host fact: the argmax is then skipped).
+    Returns int64 [B].
+
+    Inverse-CDF sampling: the token is the first (in the order below) whose cumulative probability
+    exceeds uniform * total, so a row's draw depends on its own logits and number only, never on
+    the other rows. With top-k / top-p the candidates are the max(top_k) best tokens of each row,
+    sorted by probability (torch.topk), and the cumulative sum runs over them; without, over the
+    vocabulary in id order. Tokens of probability 0 are never drawn.
     """
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # keep tokens until p is reached
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    B, V = logits.shape
+    greedy = temperature == 0
+    t = torch.where(greedy, 1.0, temperature)[:, None]
+    K = V if max_k is None else min(max_k, V)
+    if top_k is not None or top_p is not None:
+        values, ids = torch.topk(logits, K, dim=-1)  # K == V: the whole vocabulary, sorted
+        values = values / t
+        if top_k is not None:
+            k = torch.where(top_k > 0, top_k, V)
+            values = values.masked_fill(torch.arange(K, device=logits.device)[None] >= k[:, None], float("-inf"))
+        probs = torch.softmax(values, dim=-1)
+        if top_p is not None:
+            cum = probs.cumsum(-1)
+            probs = probs.masked_fill(cum - probs >= top_p[:, None], 0.0)  # keep tokens until p is reached
+    else:
+        ids, probs = None, torch.softmax(logits / t, dim=-1)
+    cdf = probs.cumsum(-1)
+    j = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.size(-1) - 1)
+    tokens = (j if ids is None else ids.gather(1, j))[:, 0]
+    return torch.where(greedy, logits.argmax(-1), tokens) if any_greedy else tokens
 
 
 @dataclass
@@ -176,11 +232,13 @@ token is a stop token (the row's last event), "length" when the row used its max
 
 
 class _Group:
-    """A request's sampling state, shared by its rows."""
+    """A request's sampling state, shared by its rows: each sample's random numbers, one per step,
+    drawn at once from the request's own generator (so they do not depend on the batch)."""
 
     def __init__(self, key, request, stops, device):
         self.key, self.request, self.stops = key, request, stops
-        self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.uniform = torch.rand((request.num_samples, request.max_tokens), generator=generator, device=device)
 
 
 class _Row:
@@ -199,11 +257,16 @@ class DecodeBatch:
     """
     Rows of different prompts decoded together (continuous batching): add() prefills new requests
     and merges them into the running batch, step() samples one token for every row, reports it, and
-    feeds the rows still going through the model. Finished and cancelled rows leave the cache at
-    once, so the batch never decodes for a row that is done.
+    feeds the rows still going through the model. Finished and cancelled rows leave at once, so
+    the batch never decodes for a row that is done.
 
     State between steps: cache holds every token fed so far, logits fp32 [B, V] the next-token
-    logits of each row; rows[i] is cache row i. A request's rows stay contiguous and in order.
+    logits of each row, uniform fp32 [B, W] each row's random numbers for its next steps (column 0
+    is the next one); rows[i] is cache row i. Rows leave in place (KVCache.keep_rows: the last rows
+    move into the holes, so the row order is not the order of arrival) and join in place when the
+    cache has room (KVCache.append_rows); only when it has not is the cache rebuilt, with room to
+    spare for later arrivals. Sampling is one batched call for all rows (sample_tokens); the one
+    host sync per step is reading the sampled tokens, which the stop and tool logic needs.
     Not thread-safe: one thread owns a batch (the server gives each model replica its own).
     """
 
@@ -212,16 +275,17 @@ class DecodeBatch:
         self.device = model.lm_head.weight.device
         S = tokenizer.special_tokens
         self._default_stops = {S["<|assistant_end|>"], tokenizer.bos_token_id}
+        self._python = (S["<|python_start|>"], S["<|python_end|>"], S["<|output_start|>"], S["<|output_end|>"])
         self._run_tool = run_tool or _run_tool
-        self.cache, self.logits, self.rows = None, None, []
+        self.cache, self.logits, self.uniform, self.rows = None, None, None, []
+        self._sampling = None  # sample_tokens' per-row arguments, rebuilt when the rows change
 
     def __len__(self):
         return len(self.rows)
 
-    def _capacity(self, pos):
+    def _need(self, rows):
         # slots a row still needs: it feeds at most max_tokens - steps - 1 more tokens
-        need = max(r.group.request.max_tokens - r.steps for r in self.rows)
-        return pos + max(need, 1)
+        return max([r.group.request.max_tokens - r.steps for r in rows] + [1])
 
     @torch.inference_mode()
     def add(self, requests, keys=None):
@@ -249,22 +313,52 @@ class DecodeBatch:
         prefill = KVCache.for_model(self.model, len(requests), L, left_pad=[L - n for n in lens])
         logits = self.model(idx, kv_cache=prefill)[:, -1, :]
         src_rows = [i for i, r in enumerate(requests) for _ in range(r.num_samples)]
-        new_rows = []
-        for key, r in zip(keys, requests):
-            group = _Group(key, r, self._default_stops | set(r.stop_tokens or ()), self.device)
-            new_rows += [_Row(group, s) for s in range(r.num_samples)]
-        old = [(self.cache, list(range(len(self.rows))), 0)] if self.rows else []
-        self.rows += new_rows
-        pos = max([L] + ([self.cache.pos] if old else []))
-        self.cache = KVCache.concat(old + [(prefill, src_rows, 0)], self._capacity(pos))
+        groups = [_Group(key, r, self._default_stops | set(r.stop_tokens or ()), self.device) for key, r in zip(keys, requests)]
+        new_rows = [_Row(g, s) for g in groups for s in range(g.request.num_samples)]
         new_logits = logits[torch.tensor(src_rows, device=self.device)]
-        self.logits = torch.cat([self.logits, new_logits]) if old else new_logits
+        new_uniform = [g.uniform for g in groups]
+        c = self.cache
+        if not self.rows:  # an empty batch: exactly the room these rows need
+            self.cache = KVCache.concat([(prefill, src_rows, 0)], L + self._need(new_rows))
+        elif len(self.rows) + len(new_rows) <= c.capacity and L <= c.pos and c.pos + self._need(new_rows) <= c.max_len:
+            c.append_rows(prefill, src_rows)  # room: only the new rows are copied
+        else:  # rebuild, dropping slots that are padding in every row, with room for more arrivals
+            start = min(c.pad)
+            B = len(self.rows) + len(new_rows)
+            pos = max(c.pos - start, L)
+            self.cache = KVCache.concat([(c, list(range(len(self.rows))), start), (prefill, src_rows, 0)],
+                                        pos + 2 * self._need(self.rows + new_rows), capacity=2 * B)
+        self.rows += new_rows
+        self.logits = torch.cat([self.logits, new_logits]) if self.logits is not None else new_logits
+        self.uniform = _cat_columns(([self.uniform] if self.uniform is not None else []) + new_uniform)
+        self._sampling = None
 
     def cancel(self, key, sample=None):
         """Drop the rows of request `key` (one sample, or all); they leave at the next step."""
         for r in self.rows:
             if r.group.key == key and (sample is None or r.sample == sample):
                 r.done = True
+
+    def _sample(self):
+        """The next token of every row, int64 [B] on the device."""
+        if self._sampling is None:
+            reqs = [r.group.request for r in self.rows]
+            temperature = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=self.device)
+            if all(r.temperature == 0 for r in reqs):
+                self._sampling = "greedy"
+            else:
+                top_k = [r.top_k or 0 for r in reqs]
+                top_p = [r.top_p if r.top_p is not None and 0 < r.top_p < 1 else 1.0 for r in reqs]
+                self._sampling = {
+                    "temperature": temperature,
+                    "top_k": torch.tensor(top_k, device=self.device) if any(top_k) else None,
+                    "top_p": torch.tensor(top_p, dtype=torch.float32, device=self.device) if min(top_p) < 1 else None,
+                    "max_k": max(top_k) if all(top_k) else None,
+                    "any_greedy": any(r.temperature == 0 for r in reqs),
+                }
+        if self._sampling == "greedy":
+            return self.logits.argmax(-1)
+        return sample_tokens(self.logits, uniform=self.uniform[:, 0], **self._sampling)
 
     @torch.inference_mode()
     def step(self):
@@ -273,18 +367,9 @@ class DecodeBatch:
         self._drop_done()
         if not self.rows:
             return []
-        # sample per request (each has its own generator and settings); rows of a request are contiguous
-        sampled, i = [], 0
-        while i < len(self.rows):
-            g = self.rows[i].group
-            j = i
-            while j < len(self.rows) and self.rows[j].group is g:
-                j += 1
-            r = g.request
-            sampled.append(sample_next_token(self.logits[i:j], g.generator, r.temperature, r.top_k, r.top_p)[:, 0])
-            i = j
-        sampled = torch.cat(sampled).tolist()
-        S = self.tokenizer.special_tokens
+        sampled = self._sample().tolist()
+        self.uniform = self.uniform[:, 1:]
+        python_start, python_end, output_start, output_end = self._python
         events, column = [], []
         for row, t in zip(self.rows, sampled):
             req = row.group.request
@@ -295,12 +380,12 @@ class DecodeBatch:
             finish = None
             if t in row.group.stops:
                 finish = "stop"
-            elif req.tools and t == S["<|python_start|>"]:
+            elif req.tools and t == python_start:
                 row.in_python, row.python_tokens = True, []
-            elif req.tools and t == S["<|python_end|>"] and row.in_python:
+            elif req.tools and t == python_end and row.in_python:
                 row.in_python = False
                 result = self._run_tool(self.tokenizer.decode(row.python_tokens))
-                row.forced.extend([S["<|output_start|>"]] + self.tokenizer.encode(result) + [S["<|output_end|>"]])
+                row.forced.extend([output_start] + self.tokenizer.encode(result) + [output_end])
             elif row.in_python:
                 row.python_tokens.append(t)
             if finish is None and row.steps >= req.max_tokens:
@@ -308,30 +393,34 @@ class DecodeBatch:
             row.done = finish is not None
             events.append(TokenEvent(row.group.key, row.sample, t, m, finish))
             column.append(t)
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        if keep:
-            column = torch.tensor([column[i] for i in keep], dtype=torch.long, device=self.device)[:, None]
-            self._drop_done()
-            if self.cache.pos + 1 > self.cache.max_len:  # not reached with _capacity's bound; cheap guard
-                self.cache = KVCache.concat([(self.cache, list(range(len(self.rows))), 0)], self._capacity(self.cache.pos))
+        order = self._drop_done()
+        if self.rows:
+            column = torch.tensor([column[i] for i in order], dtype=torch.long, device=self.device)[:, None]
+            if self.cache.pos + 1 > self.cache.max_len:  # not reached with _need's bound; cheap guard
+                self.cache = KVCache.concat([(self.cache, list(range(len(self.rows))), min(self.cache.pad))], self.cache.pos + self._need(self.rows))
             self.logits = self.model(column, kv_cache=self.cache)[:, -1, :]
-        else:
-            self._drop_done()
         return events
 
     def _drop_done(self):
-        """Remove finished/cancelled rows from rows, cache and logits; trim slots that became
-        padding in every remaining row."""
+        """Remove finished/cancelled rows from rows, cache, logits and random numbers (in place:
+        KVCache.keep_rows). Returns the new order: new row i is old row order[i]."""
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
+            return keep
         if not keep:
-            self.cache, self.logits = None, None
-            return
-        start = min(self.cache.pad[i] for i in keep)
-        self.cache = KVCache.concat([(self.cache, keep, start)], self.cache.max_len - start)
-        self.logits = self.logits[torch.tensor(keep, device=self.device)]
+            self.rows, self.cache, self.logits, self.uniform, self._sampling = [], None, None, None, None
+            return keep
+        order = self.cache.keep_rows(keep)
+        self.rows = [self.rows[i] for i in order]
+        index = torch.tensor(order, device=self.device)
+        self.logits, self.uniform, self._sampling = self.logits[index], self.uniform[index], None
+        return order
+
+
+def _cat_columns(parts):
+    """Stack fp32 [n_i, W_i] tensors into [sum n_i, max W_i], zero-filled on the right."""
+    width = max(p.size(1) for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.size(1))) for p in parts])
 
 
 def _run_tool(code):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.kernels import apply_rotary_emb, linear_cross_entropy, norm, relu_squared
+from nanochat.kernels import SMALL_ROWS, apply_rotary_emb, linear_cross_entropy, norm, relu_squared, small_linear
 
 try:  # FlashAttention-3 (Hopper only), used for training-time attention when installed
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -83,7 +83,11 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight.to(x.dtype)
+        rows = x.numel() // x.size(-1)
+        if rows <= SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():  # decoding
+            return small_linear(x.reshape(rows, -1), w, self).view(*x.shape[:-1], -1)
+        return F.linear(x, w)
 
 
 def attention(q, k, v, window, left_pad=None):
@@ -252,8 +256,9 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
-        if t0 + T > self.rotary_seq_len:
-            raise ValueError(f"sequence of {t0 + T} tokens exceeds the RoPE table ({self.rotary_seq_len})")
+        longest = t0 + T - (min(kv_cache.pad) if kv_cache is not None else 0)  # slots minus the least padding
+        if longest > self.rotary_seq_len:
+            raise ValueError(f"sequence of {longest} tokens exceeds the RoPE table ({self.rotary_seq_len})")
         compute_dtype = self.get_compute_dtype(idx.device)
         left_pad = kv_cache.left_pad if kv_cache is not None else None
         if left_pad is None:
@@ -271,7 +276,10 @@ class GPT(nn.Module):
             logits = self.lm_head(x).float()
             if self.config.logit_softcap:
                 c = self.config.logit_softcap
-                logits = c * torch.tanh(logits / c)
+                if torch.is_grad_enabled():
+                    logits = c * torch.tanh(logits / c)
+                else:  # inference: in place, no [B, T, V] temporaries
+                    logits = logits.div_(c).tanh_().mul_(c)
             return logits
         loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.config.logit_softcap, loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss

@@ -12,11 +12,15 @@ Each is tested against eager autograd of the plain expression, values and gradie
 - relu_squared(x): ReLU^2 [So et al. 2021, "Primer"]. Any shape and float dtype.
 - apply_rotary_emb(x, cos, sin): RoPE in the half-split layout [Su et al. 2021].
   x: [B, T, H, D]; cos, sin: [1 or B, T, 1, D/2] in x's dtype -> [B, T, H, D].
+- small_linear(x, weight, module): x @ weight^T for the few rows of a decode step, through
+  whichever of three BLAS formulations is fastest for the shape (timed once per shape).
 - linear_cross_entropy(x, weight, targets, softcap, reduction): lm_head + logit soft-cap
   [Gemma 2, 2024] + cross-entropy, chunked so the [N, vocab] logits never exist, with the gradient
   formed in the forward pass [Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989].
   x: [N, D] fp32 or bf16; weight: [V, D]; targets: int64 [N], -1 = ignored -> fp32 nats.
 """
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +121,62 @@ def apply_rotary_emb(x, cos, sin):
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
     return _Rotary.apply(x, cos, sin)
+
+
+# ------------------------------------------------------------------------------------------------
+# Few-row products (decoding): the fastest of three equal formulations, measured per shape
+
+
+# A decode step multiplies a handful of rows (the batch) by each weight. On CPU, which BLAS kernel
+# torch's x @ W^T reaches for such a skinny product depends on the shape, and the spread is wide:
+# on a 2-vCPU AMD EPYC (Zen 4), MKL takes 8.1 ms for [8, 384] @ [384, 32768] (the lm_head) as
+# F.linear, 3.0 ms as (W @ x^T)^T, and at 1 row 5.0 ms as F.linear against 2.0 ms as x @ W^T with
+# W^T stored contiguous (docs/LOG.md). So the first product of each (weight shape, rows bucket,
+# dtype) times the three and keeps the fastest, as cuBLAS / Inductor autotuning do on GPU.
+SMALL_ROWS = 64  # products of at most this many rows are tuned; more rows: F.linear
+_FASTEST = {}  # (out, in, rows bucket, dtype) -> 0: F.linear, 1: (W @ x^T)^T, 2: x @ W^T (stored)
+
+
+def _transposed(module, weight):
+    """weight^T contiguous, kept on the module until the weight changes (in place or replaced)."""
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    if getattr(module, "_wt_key", None) != key:
+        module._wt, module._wt_key = weight.t().contiguous(), key
+    return module._wt
+
+
+def _product(choice, x, weight, module):
+    if choice == 0:
+        return F.linear(x, weight)
+    if choice == 1:
+        return torch.mm(weight, x.t()).t().contiguous()
+    return torch.mm(x, _transposed(module, weight))
+
+
+def small_linear(x, weight, module):
+    """
+    x @ weight^T for x [M, in] with M <= SMALL_ROWS, on CPU, without autograd (decoding): the
+    fastest formulation for this shape, timed on first use (the best of 4 interleaved runs of
+    each, 15 products per new (shape, power-of-two row bucket)). weight: [out, in], x's dtype. Returns [M, out]
+    contiguous. module: where the transposed weight of formulation 2 is kept (only when it wins).
+    The three differ only in summation order (fp32 round-off).
+    """
+    key = (weight.size(0), weight.size(1), 1 << (x.size(0) - 1).bit_length(), x.dtype)
+    choice = _FASTEST.get(key)
+    if choice is None:
+        times = [float("inf")] * 3
+        for c in range(3):
+            _product(c, x, weight, module)  # warm-up (and the transposed copy)
+        for _ in range(4):  # interleaved rounds, the best of each: robust to a busy moment
+            for c in range(3):
+                t0 = time.perf_counter()
+                _product(c, x, weight, module)
+                times[c] = min(times[c], time.perf_counter() - t0)
+        choice = _FASTEST[key] = min(range(3), key=times.__getitem__)
+        if choice != 2:
+            module.__dict__.pop("_wt", None)
+            module.__dict__.pop("_wt_key", None)
+    return _product(choice, x, weight, module)
 
 
 # ------------------------------------------------------------------------------------------------

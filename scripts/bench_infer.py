@@ -1,23 +1,37 @@
 """
-Inference benchmark: prefill and decode throughput of the KV-cache engine, and KV-cache memory.
+Inference benchmark: prefill and decode throughput of the KV-cache engine against the bare model,
+KV-cache memory, and (optionally) karpathy/nanochat's Engine at the same shapes.
 
-    python -m scripts.bench_infer                                   # depths 4 and 6, batch 1 and 8, CPU (+ CUDA if present)
-    python -m scripts.bench_infer --depths 12 20 --vocab-size 65536 --prompt-len 512 --device-types cuda
+    python -m scripts.bench_infer --threads 2                          # depths 4 and 6, batch 1, 8, 32, CPU (+ CUDA if present)
+    python -m scripts.bench_infer --reference /path/to/nanochat        # + nanochat's Engine, same shapes, same process settings
+    python -m scripts.bench_infer --source sft --batch-sizes 1 8       # a trained checkpoint and its tokenizer
+    python -m scripts.bench_infer --depths 12 20 --prompt-len 512 --device-types cuda
 
-Random weights of the shapes GPTConfig.from_depth gives (speed does not depend on the values). For
-each (device, depth, batch size):
+Random weights of the shapes GPTConfig.from_depth gives (speed does not depend on the values), or
+the checkpoint of --source (newest --model-tag / --step unless given). For each (device, depth,
+batch size):
 - prefill: one forward of batch x prompt_len tokens into an empty KV cache; tokens/s = B*T / time.
-- decode (model): decode_len single-token forwards against the cache, each feeding the previous
-  step's argmax; tokens/s = B * decode_len / time. What the hardware does.
-- decode (engine): the same number of steps through engine.DecodeBatch (sampling at temperature 1
-  with top-k 50, per-row bookkeeping), i.e. what a served request gets. tokens/s counts the tokens
-  actually produced.
-- KV cache: bytes of the preallocated cache for B x (prompt_len + decode_len) positions.
+- decode (model): decode_len - 1 single-token forwards against the cache, each feeding the previous
+  step's argmax; tokens/s = B * steps / time. What the hardware does, with no sampling at all.
+- decode (engine): engine.DecodeBatch on B requests of the same prompt length, sampling at
+  temperature 1 with top-k 50, each request with its own seed: everything a served request, an
+  eval or an RL rollout pays (sampling, stop and tool checks, bookkeeping). Random weights: the
+  special tokens get ids outside the vocabulary, so no row stops early and both loops decode the
+  same number of tokens. The first step (the prefill's sample) is not timed, as in the model loop.
+- overhead: engine time over model time, minus 1 (the share of model-only time the engine adds).
+- bytes/step: what one decode step reads at least: every weight (the embedding: B rows) and the
+  KV cache up to the mean context of the timed steps; GB/s = bytes/step / time per step.
+- nanochat (with --reference DIR): its Engine.generate at the same shapes and settings, one prompt
+  with B samples (scripts/bench_reference.py, run in a child process on DIR's code).
 Each number is the median of --repeats runs after one warm-up run. Printed as a markdown table.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -31,23 +45,27 @@ from nanochat.tokenizer import SPECIAL_TOKENS
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Prefill/decode tokens/s and KV-cache memory of the inference engine")
     p.add_argument("--depths", type=int, nargs="+", default=[4, 6], help="model depths (GPTConfig.from_depth)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="sequences decoded together")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (runs/runcpu.sh trains 8192)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (prefill)")
-    p.add_argument("--decode-len", type=int, default=32, help="decode steps")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="sequences decoded together")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (speedrun's tokenizer: 32768)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per sequence (prefill)")
+    p.add_argument("--decode-len", type=int, default=128, help="decode steps")
     p.add_argument("--device-types", type=str, nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's choice, one per core)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the model's: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None, help="benchmark this stage's checkpoint instead of random weights")
+    p.add_argument("--model-tag", type=str, default=None, help="with --source: the model tag (default: newest)")
+    p.add_argument("--step", type=int, default=None, help="with --source: the step (default: last)")
+    p.add_argument("--reference", type=str, default=None, help="a karpathy/nanochat checkout: also time its Engine at the same shapes (random weights only)")
     return p.parse_args(argv)
 
 
 class _Tok:
-    """The few tokenizer attributes DecodeBatch needs, for a vocabulary of vocab_size ids whose last
-    ids are the special tokens (no text decoding happens: tools are off)."""
+    """The tokenizer attributes DecodeBatch needs, for random weights: the special tokens get ids
+    past the vocabulary, so they are never sampled (no row stops early; no text is decoded)."""
 
     def __init__(self, vocab_size):
-        first = vocab_size - len(SPECIAL_TOKENS)
-        self.special_tokens = {name: first + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.special_tokens = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.bos_token_id = self.special_tokens["<|bos|>"]
 
 
@@ -62,15 +80,33 @@ def median_rate(fn, repeats):
     return statistics.median(n / t for n, t in (fn() for _ in range(repeats)))
 
 
-def bench_one(device, depth, batch, args):
+def random_model(device, depth, args):
     config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.decode_len)
     with torch.device(device):
         model = GPT(config)
     model.init_weights(seed=0)
+    return model, _Tok(args.vocab_size)
+
+
+def step_bytes(model, batch, context, dtype):
+    """Bytes one decode step reads at least: the weights (the embedding only for the batch's rows,
+    at the compute dtype's size when smaller than fp32 storage is cast on the fly: counted as
+    stored) and the keys and values of `context` positions per row."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.transformer.wte.weight.numel() * 4 + batch * c.n_embd * 4
+    kv = 2 * c.n_layer * batch * context * c.n_kv_head * (c.n_embd // c.n_head) * torch.tensor([], dtype=dtype).element_size()
+    return weights + kv
+
+
+def bench_one(device, model, tok, batch, args):
     model.eval()
+    config = model.config
+    if args.dtype:
+        model.compute_dtype = getattr(torch, args.dtype)
     max_len = args.prompt_len + args.decode_len
     gen = torch.Generator(device=device).manual_seed(0)
-    prompt = torch.randint(0, args.vocab_size - len(SPECIAL_TOKENS), (batch, args.prompt_len), device=device, generator=gen)
+    n_text = config.vocab_size - (len(SPECIAL_TOKENS) if args.source else 0)  # a real tokenizer's specials are its last ids
+    prompt = torch.randint(0, n_text, (batch, args.prompt_len), device=device, generator=gen)
 
     @torch.inference_mode()
     def prefill():
@@ -92,8 +128,6 @@ def bench_one(device, depth, batch, args):
         sync(device)
         return batch * (args.decode_len - 1), time.perf_counter() - t0
 
-    tok = _Tok(args.vocab_size)
-
     def decode_engine():
         rows = DecodeBatch(model, tok)
         rows.add([GenerationRequest(p.tolist(), max_tokens=args.decode_len, temperature=1.0, top_k=50, seed=i, tools=False) for i, p in enumerate(prompt)])
@@ -107,12 +141,26 @@ def bench_one(device, depth, batch, args):
         return n, time.perf_counter() - t0
 
     kv = KVCache.for_model(model, batch, max_len)
-    row = {"device": str(device), "depth": depth, "n_embd": config.n_embd, "params_M": model.num_params() / 1e6, "batch": batch,
+    row = {"device": str(device), "depth": config.n_layer, "n_embd": config.n_embd, "params_M": model.num_params() / 1e6, "batch": batch,
            "prefill_tok_s": median_rate(prefill, args.repeats), "decode_model_tok_s": median_rate(decode_model, args.repeats),
            "decode_engine_tok_s": median_rate(decode_engine, args.repeats), "kv_MiB": kv.nbytes() / 2**20,
-           "kv_dtype": str(kv.k.dtype).removeprefix("torch.")}
-    row["decode_ms_per_step"] = 1000 * batch / row["decode_model_tok_s"]
+           "dtype": str(kv.k.dtype).removeprefix("torch.")}
+    row["overhead"] = row["decode_model_tok_s"] / row["decode_engine_tok_s"] - 1
+    row["bytes_per_step"] = step_bytes(model, batch, args.prompt_len + args.decode_len // 2, kv.k.dtype)
+    row["model_GB_s"] = row["bytes_per_step"] * row["decode_model_tok_s"] / batch / 1e9
     return row
+
+
+def bench_reference(path, depth, n_embd, n_head, batch, args):
+    """nanochat's Engine decode tokens/s at these shapes (scripts/bench_reference.py on its code)."""
+    spec = {"depth": depth, "n_embd": n_embd, "n_head": n_head, "vocab_size": args.vocab_size, "prompt_len": args.prompt_len,
+            "decode_len": args.decode_len, "batch": batch, "repeats": args.repeats, "threads": torch.get_num_threads()}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_reference.py")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+    proc = subprocess.run([sys.executable, script, json.dumps(spec)], cwd=path, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NanochatError(f"--reference {path}: its Engine failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["decode_engine_tok_s"]
 
 
 def main():
@@ -120,6 +168,8 @@ def main():
     print0(vars(args))
     if min(args.depths + args.batch_sizes + [args.prompt_len, args.repeats]) < 1 or args.decode_len < 2:
         raise NanochatError("--depths, --batch-sizes, --prompt-len and --repeats must be >= 1, --decode-len >= 2")
+    if args.reference and (args.source or not os.path.isfile(os.path.join(args.reference, "nanochat", "engine.py"))):
+        raise NanochatError(f"--reference {args.reference}: needs a karpathy/nanochat checkout (nanochat/engine.py) and random weights (no --source)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device_types = args.device_types or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -129,17 +179,37 @@ def main():
     for dt in device_types:
         device = torch.device(dt)
         name = torch.cuda.get_device_name(device) if dt == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        for depth in args.depths:
+        models = []
+        if args.source:
+            from nanochat.checkpoint_manager import load_model
+
+            model, tok, _ = load_model(args.source, device, args.model_tag, args.step)
+            if args.prompt_len + args.decode_len > model.config.sequence_len:
+                raise NanochatError(f"--prompt-len + --decode-len = {args.prompt_len + args.decode_len} > the model's sequence_len {model.config.sequence_len}")
+            models.append((model, tok))
+        else:
+            models += [random_model(device, depth, args) for depth in args.depths]
+        for model, tok in models:
             for batch in args.batch_sizes:
                 t0 = time.perf_counter()
-                rows.append(bench_one(device, depth, batch, args) | {"hardware": name})
-                print0(f"  {dt} depth {depth} batch {batch}: {time.perf_counter() - t0:.1f}s")
-    print0(f"\nprompt {args.prompt_len} tokens, {args.decode_len} decode steps, vocab {args.vocab_size}, median of {args.repeats}\n")
-    print0("| hardware | depth | n_embd | params | batch | prefill tok/s | decode tok/s (model) | decode tok/s (engine) | ms/step | KV cache |")
-    print0("|---|---|---|---|---|---|---|---|---|---|")
+                row = bench_one(device, model, tok, batch, args) | {"hardware": name}
+                if args.reference and dt == "cpu":
+                    row["reference_tok_s"] = bench_reference(args.reference, row["depth"], row["n_embd"], model.config.n_head, batch, args)
+                rows.append(row)
+                print0(f"  {dt} depth {row['depth']} batch {batch}: {time.perf_counter() - t0:.1f}s")
+    print0(f"\nprompt {args.prompt_len} tokens, {args.decode_len} decode steps, vocab {'of the checkpoint' if args.source else args.vocab_size}, "
+           f"engine sampling temperature 1 top-k 50, median of {args.repeats}\n")
+    ref = any("reference_tok_s" in r for r in rows)
+    print0("| hardware | depth | n_embd | params | batch | dtype | prefill tok/s | decode tok/s (model) | decode tok/s (engine) | overhead | "
+           + ("nanochat engine tok/s | engine / nanochat | " if ref else "") + "MB/step | GB/s (model) | KV cache |")
+    print0("|---" * (14 + 2 * ref) + "|")
     for r in rows:
-        print0(f"| {r['hardware']} | {r['depth']} | {r['n_embd']} | {r['params_M']:.1f}M | {r['batch']} | {r['prefill_tok_s']:,.0f} | "
-               f"{r['decode_model_tok_s']:,.0f} | {r['decode_engine_tok_s']:,.0f} | {r['decode_ms_per_step']:.1f} | {r['kv_MiB']:.2f} MiB {r['kv_dtype']} |")
+        cells = [r["hardware"], r["depth"], r["n_embd"], f"{r['params_M']:.1f}M", r["batch"], r["dtype"], f"{r['prefill_tok_s']:,.0f}",
+                 f"{r['decode_model_tok_s']:,.0f}", f"{r['decode_engine_tok_s']:,.0f}", f"{100 * r['overhead']:.1f}%"]
+        if ref:
+            cells += [f"{r['reference_tok_s']:,.0f}", f"{r['decode_engine_tok_s'] / r['reference_tok_s']:.2f}x"] if "reference_tok_s" in r else ["", ""]
+        cells += [f"{r['bytes_per_step'] / 1e6:.1f}", f"{r['model_GB_s']:.1f}", f"{r['kv_MiB']:.2f} MiB"]
+        print0("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ class MultiHop(Task):
     """
 
     eval_type = "generative"
+    buckets = BUCKETS  # the declared bucket order: nanochat/chat_eval.py reports accuracy per bucket
 
     def __init__(self, split="train", size=None, hops=None, buckets=None, seed=0, **view):
         super().__init__(**view)

@@ -364,8 +364,8 @@ def test_generative_bucket_pass_at_1_and_coverage(monkeypatch):
 
 
 def test_multihop_buckets_and_coverage_through_the_loop():
-    # MultiHop declares its buckets on the class once tasks/multihop.py has `buckets = BUCKETS`; until then a subclass does
-    task = type("MultiHopWithBuckets", (MultiHop,), {"buckets": MULTIHOP_BUCKETS})(split="test", size=30)
+    assert MultiHop.buckets == MULTIHOP_BUCKETS
+    task = MultiHop(split="test", size=30)
     by_prompt = {TOK.decode(TOK.render_for_completion(task[i])): task[i] for i in range(len(task))}
 
     def reply(prompt, sample, seed):  # easy: all right; medium: right answer, no trace; hard: right trace, wrong answer

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanochat.engine import DecodeBatch, Engine, GenerationRequest, KVCache, sample_next_token
+from nanochat.engine import DecodeBatch, Engine, GenerationRequest, KVCache, sample_tokens
 from test_gpt import make_model
 
 
@@ -58,12 +58,46 @@ def test_stop_tokens(byte_tok):
 
 
 def test_top_k_and_top_p_restrict_support():
-    gen = torch.Generator().manual_seed(0)
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0, -2.0]]).expand(200, -1)
-    assert set(sample_next_token(logits, gen, 1.0, top_k=2)[:, 0].tolist()) <= {0, 1}
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(200)
+    assert set(sample_tokens(logits, ones, u, top_k=torch.full((200,), 2), max_k=2).tolist()) == {0, 1}
     # probs ~ [0.72, 0.26, ...]: top_p 0.5 keeps only the most likely token
-    assert set(sample_next_token(logits, gen, 1.0, top_p=0.5)[:, 0].tolist()) == {0}
-    assert set(sample_next_token(logits, gen, 0.0)[:, 0].tolist()) == {0}
+    assert set(sample_tokens(logits, ones, u, top_p=torch.full((200,), 0.5)).tolist()) == {0}
+    assert set(sample_tokens(logits, torch.zeros(200), u).tolist()) == {0}
+    assert len(set(sample_tokens(logits, ones, u).tolist())) >= 3  # probs 0.72, 0.26, 0.01, ...
+
+
+@pytest.mark.parametrize("filters", ["none", "top_k", "top_p", "mixed"])
+def test_sample_tokens_draws_the_right_distribution(filters):
+    """Differential: with the uniforms on a fine grid, each row's token frequencies equal the
+    probabilities its settings define (computed here with a sort, plainly) to 1/N, whatever the
+    other rows of the batch use."""
+    N, V = 4000, 50
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.0])
+    top_k = {"none": [0] * 4, "top_k": [5, 12, 50, 3], "top_p": [0] * 4, "mixed": [7, 0, 3, 0]}[filters]
+    top_p = {"none": [1.0] * 4, "top_k": [1.0] * 4, "top_p": [0.9, 0.5, 0.99, 0.8], "mixed": [1.0, 0.6, 0.9, 1.0]}[filters]
+    u = (torch.arange(N) + 0.5) / N
+    rows = torch.arange(4).repeat_interleave(N)
+    kwargs = {"top_k": torch.tensor(top_k)[rows] if any(top_k) else None, "top_p": torch.tensor(top_p)[rows] if min(top_p) < 1 else None,
+              "max_k": max(top_k) if all(top_k) else None}
+    tokens = sample_tokens(logits[rows], temperature[rows], u.repeat(4), **kwargs).view(4, N)
+    for b in range(4):
+        if temperature[b] == 0:
+            assert (tokens[b] == logits[b].argmax()).all()
+            continue
+        probs = torch.softmax(logits[b] / temperature[b], -1)
+        order = probs.argsort(descending=True)
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[order[: top_k[b] or V]] = True
+        cum = torch.cumsum(probs[order], 0)
+        keep[order[(cum - probs[order]) >= top_p[b]]] = False
+        want = torch.where(keep, probs, 0.0)
+        want /= want.sum()
+        got = torch.bincount(tokens[b], minlength=V) / N
+        assert (got[~keep] == 0).all()
+        torch.testing.assert_close(got, want, atol=1.5 / N, rtol=0)
 
 
 def test_tool_call_output_is_forced(byte_tok):
@@ -147,10 +181,12 @@ def test_continuous_batching_matches_full_forward(byte_tok):
     batch.add([GenerationRequest(prompts["b"], **settings["b"])], keys=["b"])  # longer: the batch shifts right
     check()
     step()
-    batch.cancel("d")
+    cache = batch.cache
+    batch.cancel("d")  # a row in the middle: the last row moves into its place
     step()
     batch.add([GenerationRequest(prompts["c"], **settings["c"])], keys=["c"])  # shorter: left-padded
     check()
+    assert batch.cache is cache and batch.cache.capacity > len(batch)  # both in place, no new cache
     while len(batch):
         step()
     assert checked > 30
@@ -206,5 +242,18 @@ def test_cache_concat_and_expand():
     torch.testing.assert_close(trimmed.k[:, 0, :3], cache.k[:, 1, 3:6])
     with pytest.raises(ValueError, match="drops real tokens"):
         KVCache.concat([(cache, [0, 1], 2)], 10)
+    # in place: append rows of another cache (left-padded to this one's pos), then keep some
+    other = KVCache.for_model(model, 2, 4, left_pad=[1, 0])
+    model(torch.randint(0, 97, (2, 4)), kv_cache=other)
+    room = KVCache.concat([(cache, [0, 1], 0)], 12, capacity=5)
+    room.append_rows(other, [1, 0])
+    want = KVCache.concat([(cache, [0, 1], 0), (other, [1, 0], 0)], 12)
+    assert room.pad == want.pad == [0, 3, 2, 3] and room.capacity == 5
+    torch.testing.assert_close(room.k[:, :4, :6], want.k[:, :, :6])
+    order = room.keep_rows([0, 2, 3])  # row 1 leaves: row 3 moves into its slot
+    assert order == [0, 3, 2] and room.pad == [0, 3, 2] and room.batch_size == 3
+    torch.testing.assert_close(room.v[:, :3, :6], want.v[:, order, :6])
+    with pytest.raises(ValueError, match="cannot append"):
+        room.append_rows(other, [0, 1, 0])  # 6 rows > capacity 5
     wide = cache.expand(4)
     assert wide.pad == [0] * 4 and torch.equal(wide.v[:, 3, :6], cache.v[:, 0, :6])
