@@ -21,7 +21,10 @@ import torch.distributed as dist
 
 from nanochat.common import NanochatError, atomic_write_bytes, get_base_dir
 
-STAGES = ("base", "mid", "sft", "rl")
+# The stages and their directories, checkpoints/<stage>/<model_tag>/, in pipeline order: rsft
+# (rejection-sampling fine-tuning, scripts/chat_rsft.py) and rl (GRPO, scripts/chat_rl.py) both start
+# from sft (or mid); rl may also start from rsft.
+STAGES = ("base", "mid", "sft", "rsft", "rl")
 
 
 def stage_dir(stage, base_dir=None):
@@ -159,7 +162,7 @@ def build_model(model_state, meta, device):
 
 def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     """
-    Load the model of a stage (base, mid, sft, rl) for inference: the newest model_tag and step
+    Load the model of a stage (STAGES: base, mid, sft, rsft, rl) for inference: the newest model_tag and step
     unless given. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
     nothing to load or the tokenizer is not the one the model was trained with
     (vocab size, and the fingerprint pinned in the meta).

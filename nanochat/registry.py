@@ -44,7 +44,7 @@ BUSY_TIMEOUT_S = 60.0  # a writer waits this long for another's transaction (the
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run, model and alias names
 AUTO_NAME_RE = re.compile(r"e(\d+)")  # runs without --name: e001, e002, ...
 # Keys of a RunState.log row that are evaluations (they go to the evals table as well).
-TRAIN_EVAL_RE = re.compile(r"val_bpb|val_loss|core|eval_pass@\d+")
+TRAIN_EVAL_RE = re.compile(r"val_bpb|val_loss|core|eval_pass@\d+|eval_coverage")  # eval_coverage: RL on tasks with score() (MultiHop)
 
 RUN_COLUMNS = (
     "id", "name", "stage", "model_tag", "ckpt_dir", "parent_stage", "parent_tag", "parent_step", "parent_run_id",
@@ -183,7 +183,7 @@ def write_json(path, obj):
 
 def train_evals(run_id, rows):
     """The evaluation rows among RunState.log rows: one eval per key matching TRAIN_EVAL_RE
-    (val_bpb, val_loss, core, eval_pass@k). The final summary row of finish() (it has
+    (val_bpb, val_loss, core, eval_pass@k, eval_coverage). The final summary row of finish() (it has
     train_time_s) repeats the last evaluation and is left out."""
     out = []
     for row in rows:

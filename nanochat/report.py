@@ -42,8 +42,9 @@ from nanochat.common import NanochatError, atomic_write_bytes, get_base_dir, get
 DEFAULT_GPU_HOUR_PRICE = 3.0
 PRICE_ENV = "NANOCHAT_GPU_HOUR_PRICE"
 # The pipeline's order; stages not listed here come after, in the order they were logged.
-STAGE_ORDER = ("tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl")
-EVAL_SOURCES = ("base", "mid", "sft", "rl")
+STAGE_ORDER = ("tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft", "rsft", "chat_eval_rsft",
+               "chat_rl", "chat_eval_rl")
+EVAL_SOURCES = ("base", "mid", "sft", "rsft", "rl")
 # Curves drawn from a metrics.jsonl, one panel per key present (label, key).
 CURVES = (("train loss", "loss"), ("val loss", "val_loss"), ("val bpb", "val_bpb"), ("reward", "reward"), ("GSM8K pass@1 (test)", "eval_pass@1"))
 # Keys of a metrics.jsonl whose last value the stage summary keeps.
@@ -301,7 +302,7 @@ def final_loss(metrics):
 
 
 def eval_table(d):
-    """Markdown: rows = metrics, columns = the stages (base, mid, sft, rl) that were evaluated."""
+    """Markdown: rows = metrics, columns = the stages (EVAL_SOURCES: base, mid, sft, rsft, rl) that were evaluated."""
     columns, cells = [], {}
     base = _read_json(os.path.join(d, "base-eval.json")) if os.path.isfile(os.path.join(d, "base-eval.json")) else None
     rows, tasks = [], []  # tasks: in the order the chat-eval files list them (the suite's order)
@@ -343,7 +344,7 @@ def eval_table(d):
 def stages_compare(base_dir, gpu_hour_price):
     """
     The lab's compare table (nanochat.lab.compare) of the stages of this base dir: the newest run
-    in the run registry of each stage of EVAL_SOURCES (base, mid, sft, rl) whose checkpoints lie
+    in the run registry of each stage of EVAL_SOURCES (base, mid, sft, rsft, rl) whose checkpoints lie
     under <base_dir>/checkpoints, the first of them the reference. Markdown, or None when there is
     no registry ($NANOCHAT_REGISTRY=off, or no file) or no such run. A registry that cannot be
     read is one line in the table's place: the report card never fails on it.

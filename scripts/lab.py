@@ -30,7 +30,7 @@ import sys
 from collections import Counter
 
 from nanochat import analysis
-from nanochat.checkpoint_manager import list_steps, load_meta
+from nanochat.checkpoint_manager import STAGES, list_steps, load_meta
 from nanochat.common import NanochatError, get_base_dir, run_main
 from nanochat.lab import (
     LOWER_IS_BETTER,
@@ -396,7 +396,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="The training lab: runs, evaluations and models of the registry")
     sub = p.add_subparsers(dest="verb", required=True)
     s = sub.add_parser("list", parents=[common], help="the runs, oldest first")
-    s.add_argument("--stage", type=str, default=None, help="only runs of this stage (base, mid, sft, rl)")
+    s.add_argument("--stage", type=str, default=None, help=f"only runs of this stage ({', '.join(STAGES)})")
     s.add_argument("--status", type=str, default=None, choices=("running", "done", "failed", "killed", "stopped"), help="only runs with this status")
     s = sub.add_parser("show", parents=[common], help="one run: its record, evaluations, notes and model versions")
     s.add_argument("run", help="run id, name or checkpoint directory")

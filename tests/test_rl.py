@@ -2,7 +2,8 @@
 RL on GSM8K (nanochat/rl.py, scripts/chat_rl.py): group advantages on hand-made rewards, the
 policy-gradient loss on a toy tabular policy (sign, exact gradient, masking, PPO clipping, KL),
 RSFT selection, rollout collation and the conversation written for kept samples, sampling against
-the engine, and chat_rl end to end on a tiny random GPT (both algorithms; resume vs uninterrupted).
+the engine, and chat_rl (GRPO) end to end on a tiny random GPT (resume vs uninterrupted; 2 ranks vs
+1 process, for chat_rsft too). RSFT's own stage and the MultiHop runs: tests/test_rsft.py.
 """
 
 import json
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import byte_tokenizer
-from helpers.scripts_util import SHARED_DATA, make_env, read_metrics, run_script
-from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint
+from helpers.rl_util import link_sft, make_sft_base, run_main
+from helpers.scripts_util import SHARED_DATA, read_metrics, run_script
+from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -199,13 +201,7 @@ def test_sample_rollouts_match_the_engine_and_token_logprobs_the_logits():
 def rl_env(tmp_path_factory):
     """A tmp base dir with the byte tokenizer and a tiny random SFT GPT (tag "t")."""
     base = tmp_path_factory.mktemp("rl") / "base"
-    TOK.save(base / "tokenizer")
-    config = GPTConfig(sequence_len=128, vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    model = GPT(config)
-    model.init_weights(seed=0)
-    save_checkpoint(checkpoint_dir("sft", "t", str(base)), 5, model.state_dict(), None, {"stage": "sft", "model_tag": "t", "step": 5, "model_config": config.to_dict()})
-    env = make_env(base, OMP_NUM_THREADS=1, NANOCHAT_TASKS_DIR=os.path.join(SHARED_DATA, "tasks"))
-    return {"base": base, "env": env}
+    return {"base": base, "env": make_sft_base(base)}
 
 
 RL_ARGS = ["--questions-per-step", 2, "--num-samples", 4, "--max-new-tokens", 12, "--eval-every", -1, "--eval-problems", 2, "--eval-samples", 2, "--device-batch-size", 3]
@@ -227,9 +223,11 @@ def test_chat_rl_script_runs_and_reports(rl_env):
         assert r["reward"] == 0.0 and r["train_pass@4"] == 0.0 and r["skipped"] and r["tok_per_s"] > 0 and r["gen_tokens"] > 0
     evals = [r for r in rows if "eval_pass@1" in r]
     assert [r["step"] for r in evals] == [0, 2] and all("eval_pass@2" in r for r in evals)
+    assert "bucket TVD" in proc.stdout and "WARNING" not in proc.stdout  # GSM8K train vs test: the same mix
     with open(base / "report" / "chat_rl.json") as f:
         record = json.load(f)
-    assert record["args"]["algo"] == "grpo" and record["metrics"]["gsm8k_pass@1_after"] == 0.0 and record["metrics"]["steps"] == 2
+    assert record["args"]["task"] == "GSM8K" and record["metrics"]["gsm8k_pass@1_after"] == 0.0 and record["metrics"]["steps"] == 2
+    assert record["metrics"]["bucket_tvd"] < 0.2
 
 
 def parity_reward(monkeypatch):
@@ -241,31 +239,24 @@ def parity_reward(monkeypatch):
     monkeypatch.setattr(GSM8K, "evaluate", parity_judge)
 
 
-def run_inprocess(rl_env, monkeypatch, *args):
-    from scripts import chat_rl
+def run_inprocess(rl_env, monkeypatch, *args, script="chat_rl"):
+    from scripts import chat_rl, chat_rsft
 
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(rl_env["base"]))
-    monkeypatch.setenv("NANOCHAT_TASKS_DIR", rl_env["env"]["NANOCHAT_TASKS_DIR"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the model is tiny: more threads only contend with the other tests for the cores
-    try:
-        chat_rl.main([str(a) for a in RL_ARGS + list(args)])
-    finally:
-        torch.set_num_threads(threads)
+    run_main({"chat_rl": chat_rl, "chat_rsft": chat_rsft}[script].main, RL_ARGS + list(args), rl_env["env"], monkeypatch)
 
 
-def rl_rows(base, tag):
-    return [r for r in read_metrics(os.path.join(checkpoint_dir("rl", tag, str(base)), "run", "metrics.jsonl")) if "reward" in r]
+def rl_rows(base, tag, stage="rl"):
+    return [r for r in read_metrics(os.path.join(checkpoint_dir(stage, tag, str(base)), "run", "metrics.jsonl")) if "reward" in r]
 
 
 @needs_data
 def test_grpo_updates_and_resume_matches_uninterrupted(rl_env, monkeypatch):
     base = rl_env["base"]
     parity_reward(monkeypatch)
-    os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "ref", str(base)))
+    link_sft(base, "ref")
     common = ["--num-iterations", 3, "--ppo-epochs", 2, "--kl-coef", 0.05]
     run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "ref")
-    os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "cut", str(base)))
+    link_sft(base, "cut")
     with pytest.raises(SystemExit) as stop:
         run_inprocess(rl_env, monkeypatch, *common, "--model-tag", "cut", "--stop-at-step", 2)
     assert stop.value.code == 143
@@ -286,63 +277,47 @@ def test_grpo_updates_and_resume_matches_uninterrupted(rl_env, monkeypatch):
 
 
 @needs_data
-def test_rsft_keeps_correct_samples_and_writes_them(rl_env, monkeypatch):
-    base = rl_env["base"]
-    parity_reward(monkeypatch)
-    os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", "rs", str(base)))
-    run_inprocess(rl_env, monkeypatch, "--algo", "rsft", "--num-iterations", 2, "--model-tag", "rs")
-    rows = rl_rows(base, "rs")
-    with open(os.path.join(checkpoint_dir("rl", "rs", str(base)), "run", "rsft_samples.jsonl")) as f:
-        samples = [json.loads(line) for line in f]
-    for r in rows:  # kept = exactly the correct samples of the step (8 per step), written to the file
-        assert r["kept"] == round(r["train_pass@1"] * 8)
-        assert sum(s["step"] == r["step"] for s in samples) == r["kept"]
-    assert samples and all(s["reward"] == 1.0 for s in samples)
-    for s in samples:
-        conversation = validate_conversation(s, "rsft sample")
-        text = "".join(p["text"] for p in conversation["messages"][-1]["content"])
-        assert len(text) % 2 == 0  # the (patched) judge's verdict holds for what was written
-    # resuming with another algorithm is refused
-    with pytest.raises(NanochatError, match="--algo rsft"):
-        run_inprocess(rl_env, monkeypatch, "--num-iterations", 2, "--model-tag", "rs", "--resume")
-
-
-@needs_data
 def test_bad_flags_name_the_flag(rl_env, monkeypatch):
     with pytest.raises(NanochatError, match="--num-samples 1 .*group"):
         run_inprocess(rl_env, monkeypatch, "--num-samples", 1)
     with pytest.raises(NanochatError, match="--temperature"):
         run_inprocess(rl_env, monkeypatch, "--temperature", 0)
+    with pytest.raises(NanochatError, match="--format-reward .*--task MultiHop"):  # GSM8K's format only
+        run_inprocess(rl_env, monkeypatch, "--task", "MultiHop", "--format-reward", 0.1)
+    with pytest.raises(NanochatError, match="--task MMLU: not a verifiable task; expected one of GSM8K, HumanEval, MultiHop"):
+        run_inprocess(rl_env, monkeypatch, "--task", "MMLU")
+    with pytest.raises(NanochatError, match="--buckets hard: not a bucket of GSM8K train"):
+        run_inprocess(rl_env, monkeypatch, "--buckets", "hard")
+    with pytest.raises(SystemExit):  # RSFT is its own stage now: chat_rl has no --algo
+        run_inprocess(rl_env, monkeypatch, "--algo", "rsft")
 
 
 @needs_data
 @pytest.mark.slow
 def test_two_ranks_match_one_process(rl_env, monkeypatch):
     """Questions split over 2 ranks (torchrun, gloo): the same samples (seeded per question), the
-    same metrics, and the same update as one process, for both algorithms."""
+    same metrics, and the same update as one process, for both stages (GRPO: chat_rl; RSFT: chat_rsft,
+    whose samples file is the same line for line)."""
     base = rl_env["base"]
     for tag in ("d2", "d1", "r2", "r1"):
-        os.symlink(checkpoint_dir("sft", "t", str(base)), checkpoint_dir("sft", tag, str(base)))
-    common = [str(a) for a in RL_ARGS] + ["--num-iterations", "2", "--questions-per-step", "4", "--kl-coef", "0.05", "--ppo-epochs", "2"]  # 2 questions per rank
+        link_sft(base, tag)
+    common = [str(a) for a in RL_ARGS] + ["--num-iterations", "2", "--questions-per-step", "4"]  # 2 questions per rank
+    grpo = ["--kl-coef", "0.05", "--ppo-epochs", "2"]
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "rl_ddp_worker.py")
-    for extra in (["--model-tag", "d2"], ["--algo", "rsft", "--model-tag", "r2"]):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, *common, *extra]
+    for extra in (["chat_rl", *common, *grpo, "--model-tag", "d2"], ["chat_rsft", *common, "--model-tag", "r2"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, *extra]
         proc = subprocess.run(cmd, env=rl_env["env"], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parity_reward(monkeypatch)
-    run_inprocess(rl_env, monkeypatch, *common[len(RL_ARGS):], "--questions-per-step", 4, "--model-tag", "d1")
-    run_inprocess(rl_env, monkeypatch, *common[len(RL_ARGS):], "--questions-per-step", 4, "--algo", "rsft", "--model-tag", "r1")
-    for two, one in (("d2", "d1"), ("r2", "r1")):
-        a, b = rl_rows(base, two), rl_rows(base, one)
+    run_inprocess(rl_env, monkeypatch, *common[len(RL_ARGS):], *grpo, "--model-tag", "d1")
+    run_inprocess(rl_env, monkeypatch, *common[len(RL_ARGS):], "--model-tag", "r1", script="chat_rsft")
+    for two, one, stage in (("d2", "d1", "rl"), ("r2", "r1", "rsft")):
+        a, b = rl_rows(base, two, stage), rl_rows(base, one, stage)
         assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
         for x, y in zip(a, b):
-            for key in ("reward", "train_pass@1", "train_pass@4", "gen_tokens", "skipped") + (("kept",) if two == "r2" else ()):
+            for key in ("reward", "train_pass@1", "train_pass@4", "gen_tokens", "skipped", "mean_len") + (("kept",) if stage == "rsft" else ()):
                 assert x[key] == y[key], (two, x["step"], key)
-            for key in ("loss", "grad_norm") + (("kl", "clip_frac") if two == "d2" else ()):
+            for key in ("loss", "grad_norm") + (("kl", "clip_frac") if stage == "rl" else ()):
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), (two, x["step"], key, x[key], y[key])
-    with open(os.path.join(checkpoint_dir("rl", "r2", str(base)), "run", "rsft_samples.jsonl")) as f2, open(os.path.join(checkpoint_dir("rl", "r1", str(base)), "run", "rsft_samples.jsonl")) as f1:
-        two_ranks, one = [json.loads(line) for line in f2], [json.loads(line) for line in f1]
-    def key(sample):
-        return sample["step"], sample["question"], json.dumps(sample["messages"])
-
-    assert sorted(two_ranks, key=key) == sorted(one, key=key)  # every rank's kept samples reach the file
+    with open(os.path.join(checkpoint_dir("rsft", "r2", str(base)), "run", "rsft_samples.jsonl")) as f2, open(os.path.join(checkpoint_dir("rsft", "r1", str(base)), "run", "rsft_samples.jsonl")) as f1:
+        assert f2.read() == f1.read()  # every rank's samples reach the file, in the same order as one process writes them
