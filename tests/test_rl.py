@@ -223,11 +223,11 @@ def test_chat_rl_script_runs_and_reports(rl_env):
         assert r["reward"] == 0.0 and r["train_pass@4"] == 0.0 and r["skipped"] and r["tok_per_s"] > 0 and r["gen_tokens"] > 0
     evals = [r for r in rows if "eval_pass@1" in r]
     assert [r["step"] for r in evals] == [0, 2] and all("eval_pass@2" in r for r in evals)
-    assert "bucket TVD" in proc.stdout and "WARNING" not in proc.stdout  # GSM8K train vs test: the same mix
+    assert "bucket TVD" in proc.stdout and "measure on more" in proc.stdout  # 2 evaluation problems: the report flags its own noise
     with open(base / "report" / "chat_rl.json") as f:
         record = json.load(f)
     assert record["args"]["task"] == "GSM8K" and record["metrics"]["gsm8k_pass@1_after"] == 0.0 and record["metrics"]["steps"] == 2
-    assert record["metrics"]["bucket_tvd"] < 0.2
+    assert 0 < record["metrics"]["bucket_tvd"] <= 1 and 0 < record["metrics"]["length_tvd"] <= 1
 
 
 def parity_reward(monkeypatch):
