@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import NanochatError
+from nanochat.kernels import decoding
 
 
 class KVCache:
@@ -267,6 +268,8 @@ class DecodeBatch:
     cache has room (KVCache.append_rows); only when it has not is the cache rebuilt, with room to
     spare for later arrivals. Sampling is one batched call for all rows (sample_tokens); the one
     host sync per step is reading the sampled tokens, which the stop and tool logic needs.
+    The model's weights must not change while a batch lives: its decode products may keep
+    transposed copies of them (kernels.decoding). Make a new batch after an optimizer step.
     Not thread-safe: one thread owns a batch (the server gives each model replica its own).
     """
 
@@ -279,6 +282,7 @@ class DecodeBatch:
         self._run_tool = run_tool or _run_tool
         self.cache, self.logits, self.uniform, self.rows = None, None, None, []
         self._sampling = None  # sample_tokens' per-row arguments, rebuilt when the rows change
+        self._weights = {}  # kernels.decoding()'s transposed weights: the model must not change while the batch lives
 
     def __len__(self):
         return len(self.rows)
@@ -398,7 +402,8 @@ class DecodeBatch:
             column = torch.tensor([column[i] for i in order], dtype=torch.long, device=self.device)[:, None]
             if self.cache.pos + 1 > self.cache.max_len:  # not reached with _need's bound; cheap guard
                 self.cache = KVCache.concat([(self.cache, list(range(len(self.rows))), min(self.cache.pad))], self.cache.pos + self._need(self.rows))
-            self.logits = self.model(column, kv_cache=self.cache)[:, -1, :]
+            with decoding(self._weights):
+                self.logits = self.model(column, kv_cache=self.cache)[:, -1, :]
         return events
 
     def _drop_done(self):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.kernels import SMALL_ROWS, apply_rotary_emb, linear_cross_entropy, norm, relu_squared, small_linear
+from nanochat.kernels import SMALL_ROWS, apply_rotary_emb, decoding_active, linear_cross_entropy, norm, relu_squared, small_linear
 
 try:  # FlashAttention-3 (Hopper only), used for training-time attention when installed
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -85,8 +85,8 @@ class Linear(nn.Linear):
     def forward(self, x):
         w = self.weight.to(x.dtype)
         rows = x.numel() // x.size(-1)
-        if rows <= SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():  # decoding
-            return small_linear(x.reshape(rows, -1), w, self).view(*x.shape[:-1], -1)
+        if rows <= SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled() and decoding_active():
+            return small_linear(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)
         return F.linear(x, w)
 
 

@@ -12,7 +12,7 @@ Each is tested against eager autograd of the plain expression, values and gradie
 - relu_squared(x): ReLU^2 [So et al. 2021, "Primer"]. Any shape and float dtype.
 - apply_rotary_emb(x, cos, sin): RoPE in the half-split layout [Su et al. 2021].
   x: [B, T, H, D]; cos, sin: [1 or B, T, 1, D/2] in x's dtype -> [B, T, H, D].
-- small_linear(x, weight, module): x @ weight^T for the few rows of a decode step, through
+- decoding() / small_linear(x, weight): x @ weight^T for the few rows of a decode step, through
   whichever of three BLAS formulations is fastest for the shape (timed once per shape).
 - linear_cross_entropy(x, weight, targets, softcap, reduction): lm_head + logit soft-cap
   [Gemma 2, 2024] + cross-entropy, chunked so the [N, vocab] logits never exist, with the gradient
@@ -20,7 +20,9 @@ Each is tested against eager autograd of the plain expression, values and gradie
   x: [N, D] fp32 or bf16; weight: [V, D]; targets: int64 [N], -1 = ignored -> fp32 nats.
 """
 
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -135,48 +137,65 @@ def apply_rotary_emb(x, cos, sin):
 # dtype) times the three and keeps the fastest, as cuBLAS / Inductor autotuning do on GPU.
 SMALL_ROWS = 64  # products of at most this many rows are tuned; more rows: F.linear
 _FASTEST = {}  # (out, in, rows bucket, dtype) -> 0: F.linear, 1: (W @ x^T)^T, 2: x @ W^T (stored)
+_session = threading.local()  # .store: the active decoding() block's transposed weights, or None
 
 
-def _transposed(module, weight):
-    """weight^T contiguous, kept on the module until the weight changes (in place or replaced)."""
-    key = (weight.data_ptr(), weight._version, weight.dtype)
-    if getattr(module, "_wt_key", None) != key:
-        module._wt, module._wt_key = weight.t().contiguous(), key
-    return module._wt
+@contextmanager
+def decoding(store=None):
+    """
+    Within the block, GPT Linear layers with few rows (decode steps, on CPU, without autograd) go
+    through small_linear. store: a dict kept by the caller across blocks (DecodeBatch keeps one
+    per batch) that holds the transposed weights formulation 2 needs; None: a fresh one for this
+    block. The weights must not change while a store is in use: optimizers update weights in
+    place, some without bumping their version (torch._fused_adamw_), so a stale copy could not be
+    detected. Re-entrant; thread-local.
+    """
+    previous = getattr(_session, "store", None)
+    _session.store = {} if store is None else store
+    try:
+        yield
+    finally:
+        _session.store = previous
 
 
-def _product(choice, x, weight, module):
+def decoding_active():
+    return getattr(_session, "store", None) is not None
+
+
+def _product(choice, x, weight):
     if choice == 0:
         return F.linear(x, weight)
     if choice == 1:
         return torch.mm(weight, x.t()).t().contiguous()
-    return torch.mm(x, _transposed(module, weight))
+    store = _session.store
+    key = (weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    if key not in store:
+        store[key] = weight.t().contiguous()
+    return torch.mm(x, store[key])
 
 
-def small_linear(x, weight, module):
+def small_linear(x, weight):
     """
-    x @ weight^T for x [M, in] with M <= SMALL_ROWS, on CPU, without autograd (decoding): the
-    fastest formulation for this shape, timed on first use (the best of 4 interleaved runs of
-    each, 15 products per new (shape, power-of-two row bucket)). weight: [out, in], x's dtype. Returns [M, out]
-    contiguous. module: where the transposed weight of formulation 2 is kept (only when it wins).
-    The three differ only in summation order (fp32 round-off).
+    x @ weight^T for x [M, in] with M <= SMALL_ROWS, inside decoding(): the fastest formulation
+    for this shape, timed on first use (the best of 4 interleaved runs of each, 15 products per
+    new (shape, power-of-two row bucket)). weight: [out, in], x's dtype. Returns [M, out]
+    contiguous. The three differ only in summation order (fp32 round-off).
     """
     key = (weight.size(0), weight.size(1), 1 << (x.size(0) - 1).bit_length(), x.dtype)
     choice = _FASTEST.get(key)
     if choice is None:
         times = [float("inf")] * 3
         for c in range(3):
-            _product(c, x, weight, module)  # warm-up (and the transposed copy)
+            _product(c, x, weight)  # warm-up (and the transposed copy)
         for _ in range(4):  # interleaved rounds, the best of each: robust to a busy moment
             for c in range(3):
                 t0 = time.perf_counter()
-                _product(c, x, weight, module)
+                _product(c, x, weight)
                 times[c] = min(times[c], time.perf_counter() - t0)
         choice = _FASTEST[key] = min(range(3), key=times.__getitem__)
         if choice != 2:
-            module.__dict__.pop("_wt", None)
-            module.__dict__.pop("_wt_key", None)
-    return _product(choice, x, weight, module)
+            _session.store.pop((weight.data_ptr(), weight.dtype, tuple(weight.shape)), None)
+    return _product(choice, x, weight)
 
 
 # ------------------------------------------------------------------------------------------------

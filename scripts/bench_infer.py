@@ -39,6 +39,7 @@ import torch
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import DecodeBatch, GenerationRequest, KVCache
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.kernels import decoding
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 
@@ -123,8 +124,9 @@ def bench_one(device, model, tok, batch, args):
         nxt = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.decode_len - 1):
-            nxt = model(nxt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        with decoding():  # the decode products the engine uses (kernels.small_linear)
+            for _ in range(args.decode_len - 1):
+                nxt = model(nxt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
         sync(device)
         return batch * (args.decode_len - 1), time.perf_counter() - t0
 
