@@ -172,15 +172,17 @@ def policy_gradient_loss(logprobs, advantages, mask, num_tokens, old_logprobs=No
     return loss, {"clipped": clipped, "kl": kl}
 
 
-def select_correct(groups, max_per_question=None):
+def select_correct(groups, max_per_question=None, min_coverage=0.0):
     """
     RSFT selection. groups: a list (one per question) of lists of Rollout with `correct` set.
-    Returns [(question index, sample index)] of exactly the correct rollouts, in order, at most
-    max_per_question of each question (None: all of them).
+    Returns [(question index, sample index)] of exactly the correct rollouts whose coverage (when
+    the task scores one) is at least min_coverage, in order, at most max_per_question of each
+    question (None: all of them). min_coverage > 0 keeps a right answer reached without its
+    reasoning out of the training set: trained on, such samples teach the model to skip the trace.
     """
     kept = []
     for q, group in enumerate(groups):
-        picks = [s for s, r in enumerate(group) if r.correct]
+        picks = [s for s, r in enumerate(group) if r.correct and (r.coverage is None or r.coverage >= min_coverage)]
         kept += [(q, s) for s in picks[:max_per_question]]
     return kept
 

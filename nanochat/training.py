@@ -215,6 +215,7 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     """
     inherit = f"default: the {parent} checkpoint's" if parent else "default"
     g = p.add_argument_group("run")
+    g.add_argument("--config", type=str, default=None, help="YAML or JSON file of this stage's flags (keys: flag names, - or _); flags given on the command line win")
     g.add_argument("--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
     g.add_argument("--dtype", type=str, default=None, choices=["auto", "bfloat16", "float32"], help=f"compute dtype of activations ({inherit}; auto: bf16 on CUDA, fp32 elsewhere)")
     g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA, 0 elsewhere)")
@@ -255,9 +256,64 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     p.set_defaults(**defaults)
 
 
+def load_config(path, p):
+    """
+    The flag values of a --config file (.json, .yaml or .yml: a mapping of flag names, with - or _,
+    to values) as argparse defaults for parser p: {dest: value}, each value checked against its
+    flag's type and choices. Raises NanochatError naming the file and the key at fault.
+    """
+    if not os.path.isfile(path):
+        raise NanochatError(f"--config: no such file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                config = yaml.safe_load(f)
+            else:
+                config = json.load(f)
+    except Exception as e:  # noqa: BLE001 - json's ValueError and yaml.YAMLError share no base
+        raise NanochatError(f"{path}: not a valid config file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise NanochatError(f"{path}: expected a mapping of flag names to values, got a {type(config).__name__}")
+    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = {}
+    for key, value in config.items():
+        dest = str(key).removeprefix("--").replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise NanochatError(f"{path}: unknown key {key!r} (not a flag of this stage; see --help)")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise NanochatError(f"{path}: key {key!r} takes true or false, got {value!r}")
+        elif value is not None:
+            if isinstance(value, (dict, list, bool)) and action.type is not str:
+                raise NanochatError(f"{path}: key {key!r} takes one value, got {value!r}")
+            try:
+                value = action.type(value) if action.type is not None else value
+            except (TypeError, ValueError):
+                raise NanochatError(f"{path}: key {key!r}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')}") from None
+            if action.choices is not None and value not in action.choices:
+                raise NanochatError(f"{path}: key {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        values[dest] = value
+    return values
+
+
 def parse_run_args(p, argv=None):
-    """p.parse_args(argv), then the range checks of the shared flags: NanochatError naming the flag."""
+    """
+    p.parse_args(argv), with the values of --config FILE as defaults (flags on the command line
+    win; args.config_values records what the file set), then the range checks of the shared
+    flags: NanochatError naming the flag.
+    """
     args = p.parse_args(argv)
+    args.config_values = None
+    if args.config:
+        values = load_config(args.config, p)
+        p.set_defaults(**values)
+        args = p.parse_args(argv)
+        args.config_values = values
     if args.device_batch_size not in (None, "auto"):
         try:
             args.device_batch_size = int(args.device_batch_size)

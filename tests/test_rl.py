@@ -129,6 +129,18 @@ def test_rsft_keeps_exactly_the_correct_samples():
     assert select_correct([[make_rollout(False)]]) == []
 
 
+def test_rsft_min_coverage_drops_right_answers_without_their_reasoning():
+    coverage = [[1.0, 0.5, None, 1.0], [0.0, 1.0, 0.99, 1.0]]
+    groups = [[make_rollout(True) for _ in row] for row in coverage]
+    groups[1][3].correct = False  # full coverage, wrong answer: never kept
+    for q, row in enumerate(coverage):
+        for s, c in enumerate(row):
+            groups[q][s].coverage = c
+    assert select_correct(groups) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+    assert select_correct(groups, min_coverage=1.0) == [(0, 0), (0, 2), (0, 3), (1, 1)]  # None: the task scores none
+    assert select_correct(groups, max_per_question=1, min_coverage=0.9) == [(0, 0), (1, 1)]
+
+
 def test_collate_trains_only_sampled_completion_tokens():
     a = Rollout(prompt=[10, 11, 12], tokens=[20, 21, 22, 23, 24], mask=[1, 0, 0, 1, 1], finish="stop")
     b = Rollout(prompt=[30], tokens=[40, 41], mask=[1, 1], finish="length")
