@@ -6,6 +6,7 @@
 #   PHASE=base bash speedrun.sh               # one phase: tok | base | mid | sft | rl | eval | all
 #   NPROC=4 DEPTH=12 RUN=my-d12 bash speedrun.sh
 #   SKIP_RL=1 bash speedrun.sh                # no RL phase
+#   NAME_IDENTITY=Ada CREATOR=me bash speedrun.sh   # a model that knows its name and maker (docs/finetune.md)
 #
 # On a bare node, runs/setup.sh checks the prerequisites (python3 >= 3.10 with venv; Rust, which it
 # installs with rustup when missing, unless NANOCHAT_WHEEL names a prebuilt wheel), then makes .venv;
@@ -86,6 +87,12 @@ if want base; then
     fi
     run_stage base_train launch scripts.base_train $BASE_ARGS --resume-if-exists
     run_stage base_eval launch scripts.base_eval $BASE_EVAL_ARGS
+fi
+
+# The identity set of NAME_IDENTITY, written to <base_dir>/identity/identity.jsonl: the Identity task of
+# the mid and SFT recipes reads it from there. Regenerated every time (seconds, deterministic).
+if [ -n "${NAME_IDENTITY:-}" ] && { want mid || want sft; }; then
+    python -m scripts.identity --name "$NAME_IDENTITY" --creator "${CREATOR:-the nanochat project}"
 fi
 
 if want mid; then

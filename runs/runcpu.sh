@@ -5,6 +5,7 @@
 #
 #   NANOCHAT_DATA_ROOT=../shared/data bash runs/runcpu.sh     # local data (pretrain/, tasks/, chat/, ...)
 #   bash runs/runcpu.sh                                       # downloads 4 FineWeb-Edu shards instead
+#   NAME_IDENTITY=Ada CREATOR=me bash runs/runcpu.sh          # a model named Ada (speedrun.sh generates its identity set)
 #
 # Configuration for a 2-core CPU; the measurements behind it are in docs/LOG.md:
 # - vocab 8192: on a CPU the lm_head matmul dominates a small model (V x n_embd per token); 8K
@@ -33,5 +34,8 @@ export CHAT_EVAL_ARGS="--max-problems 10 --max-new-tokens 48 --tasks ARC-Easy,MM
 
 bash speedrun.sh
 .venv/bin/python -m scripts.chat_cli -p "What is the capital of France?" --max-tokens 256
+if [ -n "${NAME_IDENTITY:-}" ]; then
+    .venv/bin/python -m scripts.chat_cli -p "What is your name?" --max-tokens 64
+fi
 echo "== stage times (s)"
 cat "$NANOCHAT_BASE_DIR/stages/times.tsv"

@@ -4,15 +4,16 @@ per line, in the format of tasks/common.py. Every line is validated at load time
 conversation format: parse_conversation, also used by tasks/smoltalk.py), so a bad file fails at
 start-up with file:line and what is wrong, not hours into training.
 
-Identity is the same with a default file, tasks/data/identity.jsonl: short conversations that
-teach the model its name and what it is.
+Identity is the same with a default file: short conversations that teach the model its name and
+what it is. The file is looked up in the order of its docstring, so that a set generated with
+`python -m scripts.identity --name NAME --creator WHO` reaches the mid and SFT recipes unedited.
 """
 
 import json
 import os
 import re
 
-from nanochat.common import NanochatError
+from nanochat.common import NanochatError, get_base_dir
 from tasks.common import Task, validate_conversation
 
 DEFAULT_IDENTITY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity.jsonl")
@@ -78,8 +79,26 @@ class CustomJSON(Task):
         return self.conversations[index]
 
 
+def generated_identity_file():
+    """Where scripts/identity.py writes by default: <base_dir>/identity/identity.jsonl."""
+    return os.path.join(get_base_dir(), "identity", "identity.jsonl")
+
+
 class Identity(CustomJSON):
-    """Identity conversations: `path` (a jsonl of conversations) or the default tasks/data/identity.jsonl."""
+    """
+    Identity conversations from a jsonl file, the first that applies of:
+    1. `path`, when given (a recipe's "args": {"path": ...});
+    2. $NANOCHAT_IDENTITY_FILE, when set (a NanochatError names the variable if the file is missing);
+    3. <base_dir>/identity/identity.jsonl, when it exists (scripts/identity.py's default output);
+    4. tasks/data/identity.jsonl, the default identity "nanochat".
+    """
 
     def __init__(self, path=None, **view):
-        super().__init__(path or DEFAULT_IDENTITY_FILE, **view)
+        if not path and os.environ.get("NANOCHAT_IDENTITY_FILE"):
+            path = os.environ["NANOCHAT_IDENTITY_FILE"]
+            if not os.path.isfile(path):
+                raise NanochatError(f"Identity: no such file {path} ($NANOCHAT_IDENTITY_FILE)")
+        elif not path:
+            path = generated_identity_file()
+            path = path if os.path.isfile(path) else DEFAULT_IDENTITY_FILE
+        super().__init__(path, **view)
