@@ -20,3 +20,9 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+@pytest.fixture(autouse=True)
+def _no_identity_override(monkeypatch):
+    """Identity() reads $NANOCHAT_IDENTITY_FILE before its default file: no test inherits the user's."""
+    monkeypatch.delenv("NANOCHAT_IDENTITY_FILE", raising=False)

@@ -1,0 +1,64 @@
+#!/bin/bash
+# Reasoning that learns on a CPU: base -> SFT -> RSFT -> GRPO on MultiHop (tasks/multihop.py), a
+# verifiable multi-hop task over a generated knowledge graph, with accuracy and path coverage per
+# difficulty bucket (easy 1-2 hops, medium 3, hard 4-5) after every stage. About 20 minutes on 2
+# cores; set-up included.
+#
+#     NANOCHAT_DATA_ROOT=../shared/data bash runs/reasoning_cpu.sh      # local data (else 2 shards are downloaded)
+#     FORCE=1 bash runs/reasoning_cpu.sh                                # re-run every stage
+#
+# The stages (each skipped when done, so a re-run resumes; runs/stages.sh):
+# - tok_train: a 4,096-token BPE on 20M characters of the pretraining text.
+# - base_train: depth 4 for $BASE_STEPS steps of 8K tokens: enough English for the format to stick.
+# - chat_sft: MultiHop train conversations (tasks/recipes/multihop_sft.json): the TRACE + ANSWER
+#   format and the copying of facts from the prompt.
+# - chat_rsft: rejection sampling on MultiHop train prompts of every bucket (matched to the
+#   evaluation's mix: the distribution report says so), K samples each, fine-tuning on the correct ones.
+# - chat_rl: GRPO on the same prompts from the RSFT model, reward = the verifier's answer check.
+# - chat_eval after each: MultiHop test, greedy, per-bucket accuracy with its 95% interval and the
+#   coverage (nanochat/chat_eval.py bucket_table); the report card ends with the stages compared.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-reasoning}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+NAME=${NAME:-reasoning}              # run name in the registry (python -m scripts.lab list)
+BASE_STEPS=${BASE_STEPS:-120}
+SFT_STEPS=${SFT_STEPS:-300}
+RSFT_STEPS=${RSFT_STEPS:-80}
+RL_STEPS=${RL_STEPS:-50}
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-600}  # MultiHop test problems per evaluation (~250 easy, 120 medium, 230 hard)
+
+source runs/setup.sh
+source runs/stages.sh
+if [ -z "$(ls -A "$NANOCHAT_BASE_DIR/stages" 2>/dev/null)" ]; then
+    python -m nanochat.report reset
+fi
+if [ -z "${NANOCHAT_DATA_DIR:-}" ]; then
+    python -m nanochat.dataset -n 2
+fi
+
+EVAL_ARGS="--tasks MultiHop --max-problems $EVAL_PROBLEMS --max-new-tokens 96 --temperature 0 --batch-size 32"
+# Sampling at T 0.7: more right answers with their whole trace than at T 1, the same answers' mix.
+SAMPLE_ARGS="--task MultiHop --num-samples 8 --max-new-tokens 96 --temperature 0.7 --device-batch-size 32 --eval-every -1 --eval-problems 32 --eval-samples 1"
+
+run_stage tok_train python -m scripts.tok_train --max-chars 20000000 --vocab-size 4096 $([ "${FORCE:-0}" = 1 ] && echo --force)
+run_stage base_train python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 \
+    --num-iterations "$BASE_STEPS" --eval-every -1 --eval-tokens 131072 --num-prompts 0 --name "$NAME-base" --resume-if-exists
+run_stage chat_eval_base python -m scripts.chat_eval --source base $EVAL_ARGS
+run_stage chat_sft python -m scripts.chat_sft --source base --recipe tasks/recipes/multihop_sft.json --max-seq-len 256 \
+    --device-batch-size 16 --total-batch-size 4096 --num-iterations "$SFT_STEPS" --init-lr-frac 0.3 --eval-every -1 --val-conversations 64 \
+    --name "$NAME-sft" --resume-if-exists
+run_stage chat_eval_sft python -m scripts.chat_eval --source sft $EVAL_ARGS
+# RSFT keeps a right answer only with its whole reasoning path (--rsft-min-coverage 1): right answers
+# without the trace, trained on, taught the model to drop it (coverage fell to 0.02, docs/LOG.md).
+run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-step 32 --num-iterations "$RSFT_STEPS" --init-lr-frac 0.03 \
+    --rsft-min-coverage 1 --name "$NAME-rsft" --resume-if-exists
+run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS
+run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --source rsft --questions-per-step 16 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
+run_stage chat_eval_rl python -m scripts.chat_eval --source rl $EVAL_ARGS
+
+python -m nanochat.report generate --gpu-hour-price 0
+echo "== report: $NANOCHAT_BASE_DIR/report/report.md"
+echo "== stage times (s)"
+cat "$NANOCHAT_BASE_DIR/stages/times.tsv"
