@@ -701,11 +701,14 @@ def chat_eval_rows(results, chatcore):
     task's accuracy and pass@k (k > 1) as proportions of its problems, and ChatCORE with its SE.
     baseline: the score of a model that guesses (an untrained model's expectation): the task's
     chance c (the mean of 1 / choices; 0 for a generative task), 1 - (1 - c)^k for pass@k (one of
-    k guesses right), 0 for ChatCORE (centred on chance)."""
+    k guesses right), 0 for ChatCORE (centred on chance). A task with difficulty buckets adds one
+    row per non-empty bucket (its accuracy on that bucket's problems, `bucket` set)."""
     rows = []
     for r in results:
         chance = r["chance"]
         rows.append({"metric": r["task"], "value": r["accuracy"], "n": r["problems"], "kind": "proportion", "baseline": chance})
+        rows += [{"metric": r["task"], "bucket": name, "value": b["accuracy"], "n": b["problems"], "kind": "proportion", "baseline": chance}
+                 for name, b in (r.get("buckets") or {}).items() if b["problems"]]
         rows += [{"metric": f"{r['task']} pass@{k}", "value": v, "n": r["problems"], "kind": "proportion", "baseline": 1 - (1 - chance) ** int(k)}
                  for k, v in (r.get("pass_at_k") or {}).items() if int(k) != 1]
     if chatcore is not None:

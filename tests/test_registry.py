@@ -244,6 +244,9 @@ def test_eval_rows_carry_n_and_the_standard_error_of_centred_means():
     categorical = chat_eval_rows([{"task": "T", "accuracy": 0.5, "chance": 0.25, "problems": 100, "pass_at_k": {"2": 0.6}}], None)
     assert [r["baseline"] for r in categorical] == [0.25, pytest.approx(1 - 0.75**2)]  # pass@2: one of two guesses right
     assert rows[-1]["stderr"] == pytest.approx(0.05)
+    buckets = {"easy": {"problems": 30, "accuracy": 0.6}, "hard": {"problems": 10, "accuracy": 0.1}, "empty": {"problems": 0, "accuracy": None}}
+    bucketed = chat_eval_rows([{"task": "MultiHop", "accuracy": 0.475, "chance": 0.0, "problems": 40, "buckets": buckets}], None)
+    assert [(r["metric"], r.get("bucket"), r["value"], r["n"]) for r in bucketed] == [("MultiHop", None, 0.475, 40), ("MultiHop", "easy", 0.6, 30), ("MultiHop", "hard", 0.1, 10)]
     core = {"core": 0.1, "results": {"copa": {"accuracy": 0.6, "random_baseline": 0.5, "num_items": 100}}}
     rows = base_eval_rows({"core": core, "bpb": {"val": {"bpb": 1.2, "tokens": 4096}}})
     assert [(r["metric"], r["n"], r.get("kind")) for r in rows] == [("CORE", 100, "mean"), ("CORE copa", 100, "proportion"), ("val_bpb", 4096, None)]
