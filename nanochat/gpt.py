@@ -161,10 +161,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx, window)
         self.mlp = MLP(config)
+        self.dropout = 0.0  # residual dropout (GPT.set_dropout), in train mode only
 
     def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + F.dropout(self.attn(norm(x), cos_sin, kv_cache), self.dropout, self.training)
+        return x + F.dropout(self.mlp(norm(x)), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -230,6 +231,17 @@ class GPT(nn.Module):
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    def set_dropout(self, p):
+        """Residual dropout: each block's attention and MLP outputs are zeroed with probability p
+        (and the rest scaled by 1 / (1 - p)) in train mode [Srivastava et al. 2014; GPT-2's
+        resid_pdrop], for fine-tuning on small data. Not a model setting: checkpoints do not store
+        it. Raises ValueError unless 0 <= p < 1."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout {p} is not in [0, 1)")
+        for block in self.transformer.h:
+            block.dropout = float(p)
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

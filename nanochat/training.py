@@ -236,6 +236,7 @@ def add_run_args(p, parent, token_batches=True, **defaults):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"base learning rate ({inherit}; base: {value})")
     if parent:
         g.add_argument("--init-lr-frac", type=float, default=1.0, help="peak LRs of this stage as a fraction of the base learning rates")
+        g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (fine-tuning on small data; 0: none)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the Muon matrices")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR warmdown at the end")
@@ -324,7 +325,7 @@ def parse_run_args(p, argv=None):
     checks += [("device_batch_size", lambda v: v == "auto" or v >= 1), ("step", lambda v: v >= 0), ("keep_last", lambda v: v >= 1), ("early_stop_patience", lambda v: v >= 0)]
     checks += [("early_stop_min_delta", lambda v: v >= 0 and math.isfinite(v)), ("divergence_threshold", math.isfinite)]
     checks += [(n, lambda v: v >= 0 and math.isfinite(v)) for n in (*BASE_LRS, "weight_decay", "grad_clip")]
-    checks += [(n, lambda v: 0 <= v <= 1) for n in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")]
+    checks += [(n, lambda v: 0 <= v <= 1) for n in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")] + [("dropout", lambda v: 0 <= v < 1)]
     checks += [("init_lr_frac", lambda v: 0 < v < math.inf)] + [(n, lambda v: v == -1 or v >= 1) for n in ("eval_every", "save_every")]
     for name, test in checks:
         if not ok(name, test):
@@ -446,7 +447,7 @@ class RunState:
             self._inherit = {k: v for k, v in (meta.get("resolved") or meta.get("hparams", {})).items() if k in INHERITED}
             self.parent_info = {"stage": self.parent, "model_tag": self.model_tag, "step": meta["step"]}
             print0(f"{self.stage}: starting from the {self.parent} model {self.model_tag} (step {meta['step']})")
-        return model.train()
+        return model.set_dropout(getattr(self.args, "dropout", 0.0)).train()
 
     def resolve(self, name, default=None):
         """A setting: its flag if given, else the resumed run's or (INHERITED only) the parent

@@ -44,6 +44,7 @@ def test_config_values_are_defaults_and_flags_win(tmp_path):
     ("- depth\n", "c.yaml: expected a mapping"),
     ("depth: 6\n  bad: indent\n", "c.yaml: not a valid config file"),
     ("num_iterations: 0\n", "--num-iterations 0 is out of range"),  # the shared range checks still apply
+    ("dropout: 1.0\n", "--dropout 1.0 is out of range"),
 ])
 def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(NanochatError, match=message):

@@ -233,3 +233,20 @@ def test_hand_written_backward_gradcheck():
     assert torch.autograd.gradcheck(kernels.norm, (x,))
     assert torch.autograd.gradcheck(kernels.relu_squared, (x,))
     assert torch.autograd.gradcheck(lambda t: kernels.apply_rotary_emb(t, cos, sin), (x,))
+
+
+def test_residual_dropout_acts_in_train_mode_only():
+    model = make_model()
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model.train()(idx)
+        assert torch.equal(model.set_dropout(0.0)(idx), plain)  # p = 0: the same model
+        model.set_dropout(0.3)
+        torch.manual_seed(1)
+        a = model(idx)
+        torch.manual_seed(2)
+        b = model(idx)
+        assert not torch.allclose(a, plain) and not torch.allclose(a, b)  # a fresh mask per forward
+        torch.testing.assert_close(model.eval()(idx), plain)  # eval mode: no dropout
+    with pytest.raises(ValueError, match="dropout 1.0 is not in"):
+        model.set_dropout(1.0)
