@@ -204,7 +204,7 @@ def main():
     ref = any("reference_tok_s" in r for r in rows)
     print0("| hardware | depth | n_embd | params | batch | dtype | prefill tok/s | decode tok/s (model) | decode tok/s (engine) | overhead | "
            + ("nanochat engine tok/s | engine / nanochat | " if ref else "") + "MB/step | GB/s (model) | KV cache |")
-    print0("|---" * (14 + 2 * ref) + "|")
+    print0("|---" * (13 + 2 * ref) + "|")
     for r in rows:
         cells = [r["hardware"], r["depth"], r["n_embd"], f"{r['params_M']:.1f}M", r["batch"], r["dtype"], f"{r['prefill_tok_s']:,.0f}",
                  f"{r['decode_model_tok_s']:,.0f}", f"{r['decode_engine_tok_s']:,.0f}", f"{100 * r['overhead']:.1f}%"]

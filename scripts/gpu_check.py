@@ -732,12 +732,15 @@ def speed_check(depth):
 def check_infer_speed(ctx):
     """bench_infer: prefill and decode tokens/s of the engine at batch 1 and 32."""
     output = ctx.run("scripts.bench_infer", "--device-types", ctx.mode, *ctx.s["infer"])
-    numbers = {}
-    for line in output.splitlines():  # | hardware | depth | n_embd | params | batch | prefill | decode (model) | decode (engine) | ms | KV |
+    numbers, columns = {}, None
+    for line in output.splitlines():  # the markdown table: columns found by their header names
         cells = [c.strip().replace(",", "") for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[4].isdigit():
-            row = f"d{cells[1]}_b{cells[4]}"
-            numbers |= {f"{row}_prefill_tok_s": int(cells[5]), f"{row}_decode_tok_s": int(cells[6]), f"{row}_engine_decode_tok_s": int(cells[7])}
+        if cells[:2] == ["hardware", "depth"]:
+            columns = {name: i for i, name in enumerate(cells)}
+        elif columns and len(cells) == len(columns) and cells[columns["batch"]].isdigit():
+            row, cell = f"d{cells[columns['depth']]}_b{cells[columns['batch']]}", lambda name: int(cells[columns[name]])
+            numbers |= {f"{row}_prefill_tok_s": cell("prefill tok/s"), f"{row}_decode_tok_s": cell("decode tok/s (model)"),
+                        f"{row}_engine_decode_tok_s": cell("decode tok/s (engine)")}
     if not numbers:
         raise CheckFailed("no result rows in bench_infer's table")
     return numbers
