@@ -61,7 +61,7 @@ def stage_command(stage, lab, tag, *extra):
         "base": ["-m", "scripts.base_train", *BASE],
         "mid": ["-m", "scripts.mid_train", *MID, "--recipe", lab["recipe"]],
         "sft": ["-m", "scripts.chat_sft", *SFT, "--source", "mid", "--recipe", lab["recipe"]],
-        "rl": [os.path.join(REPO, "tests", "helpers", "rl_ddp_worker.py"), *RL],
+        "rl": [os.path.join(REPO, "tests", "helpers", "rl_ddp_worker.py"), "chat_rl", *RL],
     }[stage]
     return [str(a) for a in (*argv, "--model-tag", tag, *extra)]
 
