@@ -289,6 +289,21 @@ def check_rl_run(run, args, keys):
             raise NanochatError(f"--resume: the checkpoint in {run.ckpt_dir} was trained with --{key.replace('_', '-')} {before}, not {getattr(args, key)}")
 
 
+def check_task_names(registry, args):
+    """--task and --eval-task (when given) name verifiable tasks of registry: checked when the flags
+    are parsed, before a run state touches a checkpoint directory. Raises NanochatError naming the flag."""
+    for flag, name in (("--task", args.task), ("--eval-task", args.eval_task)):
+        if name is not None:
+            _check_verifiable(registry, name, flag)
+    return args
+
+
+def _check_verifiable(registry, name, flag):
+    verifiable = sorted(n for n, cls in registry.items() if getattr(cls, "eval_type", None) == "generative")
+    if name not in verifiable:
+        raise NanochatError(f"{flag} {name}: not a verifiable task; expected one of {', '.join(verifiable)}")
+
+
 def build_task(registry, name, split, tasks_dir=None, flag="--task"):
     """
     The task `name` of registry ({name: Task class}: tasks/recipe.py TASKS) on `split`, checked to
@@ -296,9 +311,7 @@ def build_task(registry, name, split, tasks_dir=None, flag="--task"):
     goes to the tasks that read data files. Raises NanochatError for an unknown or unverifiable
     name, a task without splits, or what the task raises (a bad split, missing data).
     """
-    verifiable = sorted(n for n, cls in registry.items() if getattr(cls, "eval_type", None) == "generative")
-    if name not in verifiable:
-        raise NanochatError(f"{flag} {name}: not a verifiable task; expected one of {', '.join(verifiable)}")
+    _check_verifiable(registry, name, flag)
     parameters = inspect.signature(registry[name]).parameters
     if "split" not in parameters:
         raise NanochatError(f"{flag} {name}: the task has no splits to train and evaluate on")

@@ -34,7 +34,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizer
-from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, eval_summary, evaluate_policy, group_advantages, load_rl_data, log_rl_step,
+from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, group_advantages, load_rl_data, log_rl_step,
                          micro_batches, optimizer_step, policy_gradient_loss, sample_step, token_logprobs)
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.gsm8k import extract_answer
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     check_rl_args(args, min_samples=2, checks=[("--ppo-epochs", args.ppo_epochs >= 1), ("--clip-eps", args.clip_eps >= 0), ("--kl-coef", args.kl_coef >= 0)])
     if args.format_reward and args.task != "GSM8K":
         raise NanochatError(f"--format-reward rewards GSM8K's '#### <number>' form; --task {args.task} has no such format")
-    return args
+    return check_task_names(TASKS, args)
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizer
 from nanochat.registry import file_hash
-from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, eval_summary, evaluate_policy, load_rl_data, log_rl_step, micro_batches,
+from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, micro_batches,
                          optimizer_step, rollout_to_conversation, sample_step, select_correct)
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.customjson import parse_conversation, read_lines
@@ -52,6 +52,7 @@ def parse_args(argv=None):
     g.add_argument("--rsft-min-coverage", type=float, default=0.0, help="keep a correct sample only if its coverage (tasks with score()) is at least this (1: the whole reasoning path)")
     add_run_args(p, parent="sft", token_batches=False, eval_every=60, init_lr_frac=0.05, warmdown_ratio=1.0, compile=0)
     args = parse_run_args(p, argv)
+    check_task_names(TASKS, args)
     return check_rl_args(args, checks=[("--rsft-epochs", args.rsft_epochs >= 1), ("--rsft-max-per-question", args.rsft_max_per_question >= 0),
                                           ("--rsft-min-coverage", 0.0 <= args.rsft_min_coverage <= 1.0)])
 

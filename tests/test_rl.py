@@ -290,6 +290,7 @@ def test_grpo_updates_and_resume_matches_uninterrupted(rl_env, monkeypatch):
 
 @needs_data
 def test_bad_flags_name_the_flag(rl_env, monkeypatch):
+    link_sft(rl_env["base"], "badflags")  # its own tag: another test's rl run in "t" must not answer first
     with pytest.raises(NanochatError, match="--num-samples 1 .*group"):
         run_inprocess(rl_env, monkeypatch, "--num-samples", 1)
     with pytest.raises(NanochatError, match="--temperature"):
@@ -299,7 +300,7 @@ def test_bad_flags_name_the_flag(rl_env, monkeypatch):
     with pytest.raises(NanochatError, match="--task MMLU: not a verifiable task; expected one of GSM8K, HumanEval, MultiHop"):
         run_inprocess(rl_env, monkeypatch, "--task", "MMLU")
     with pytest.raises(NanochatError, match="--buckets hard: not a bucket of GSM8K train"):
-        run_inprocess(rl_env, monkeypatch, "--buckets", "hard")
+        run_inprocess(rl_env, monkeypatch, "--buckets", "hard", "--model-tag", "badflags")
     with pytest.raises(SystemExit):  # RSFT is its own stage now: chat_rl has no --algo
         run_inprocess(rl_env, monkeypatch, "--algo", "rsft")
 
