@@ -31,6 +31,7 @@ import inspect
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -383,6 +384,16 @@ def load_rl_data(registry, args, tokenizer, prompts=None):
     pool = PromptPool(task if prompts is None else prompts, args.buckets, declared, where)
     print0(f"{len(pool):,} prompts of {where}" + (f" in the buckets {','.join(args.buckets)}" if args.buckets else "") + f", judged by {args.task}'s verifier")
     return task, pool, eval_task, report_distribution(pool, eval_task, tokenizer, args, declared)
+
+
+def prompt_schedule(run, args, pool):
+    """The order the prompt pool is visited in (a seeded permutation of its indices; step_prompts
+    walks it) and the number of steps: --num-iterations, else --num-epochs passes of
+    --questions-per-step prompts. Prints the horizon. Returns (order, num_iterations)."""
+    order = np.random.default_rng(args.seed).permutation(len(pool)).tolist()
+    num_iterations = run.resolve("num_iterations") or max(1, int(args.num_epochs * len(pool) / args.questions_per_step))
+    print0(f"{num_iterations} steps x {args.questions_per_step} prompts x {args.num_samples} samples on {run.world_size} rank(s)")
+    return order, num_iterations
 
 
 def report_distribution(pool, eval_task, tokenizer, args, bucket_order=()):

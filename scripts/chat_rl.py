@@ -27,14 +27,13 @@ nanochat.training.RunState.
 
 import argparse
 
-import numpy as np
 import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizer
-from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, group_advantages, load_rl_data, log_rl_step,
+from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, group_advantages, load_rl_data, log_rl_step, prompt_schedule,
                          micro_batches, optimizer_step, policy_gradient_loss, sample_step, token_logprobs)
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.gsm8k import extract_answer
@@ -74,10 +73,8 @@ def main(argv=None):
     # the verifier, the prompts (--buckets), the evaluation; prints the prompts' bucket and length mix against the evaluation's
     task, pool, eval_task, shift = load_rl_data(TASKS, args, tokenizer)
     eval_name = args.eval_task or args.task
-    order = np.random.default_rng(args.seed).permutation(len(pool)).tolist()
-    Q, K, B = args.questions_per_step, args.num_samples, run.resolve("device_batch_size", 8)
-    num_iterations = run.resolve("num_iterations") or max(1, int(args.num_epochs * len(pool) / Q))
-    print0(f"{num_iterations} steps x {Q} prompts x {K} samples on {world_size} rank(s)")
+    order, num_iterations = prompt_schedule(run, args, pool)
+    K, B = args.num_samples, run.resolve("device_batch_size", 8)
 
     # -------------------------------------------------------------------------------- optimizer, loop
     optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)

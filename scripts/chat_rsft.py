@@ -30,13 +30,12 @@ import argparse
 import json
 import os
 
-import numpy as np
 
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizer
 from nanochat.registry import file_hash
-from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, micro_batches,
+from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, prompt_schedule, micro_batches,
                          optimizer_step, rollout_to_conversation, sample_step, select_correct)
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.customjson import parse_conversation, read_lines
@@ -102,10 +101,8 @@ def main(argv=None):
     # the verifier, the prompts (--buckets), the evaluation; prints the prompts' bucket and length mix against the evaluation's
     task, pool, eval_task, shift = load_rl_data(TASKS, args, tokenizer, prompts)
     eval_name = args.eval_task or args.task
-    order = np.random.default_rng(args.seed).permutation(len(pool)).tolist()
-    Q, K, B = args.questions_per_step, args.num_samples, run.resolve("device_batch_size", 8)
-    num_iterations = run.resolve("num_iterations") or max(1, int(args.num_epochs * len(pool) / Q))
-    print0(f"{num_iterations} steps x {Q} prompts x {K} samples on {world_size} rank(s)")
+    order, num_iterations = prompt_schedule(run, args, pool)
+    K, B = args.num_samples, run.resolve("device_batch_size", 8)
 
     # -------------------------------------------------------------------------------- optimizer, loop
     optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
