@@ -90,9 +90,8 @@ def random_model(device, depth, args):
 
 
 def step_bytes(model, batch, context, dtype):
-    """Bytes one decode step reads at least: the weights (the embedding only for the batch's rows,
-    at the compute dtype's size when smaller than fp32 storage is cast on the fly: counted as
-    stored) and the keys and values of `context` positions per row."""
+    """Bytes one decode step reads at least: every weight as stored (of the embedding, only the
+    batch's rows) and the keys and values of `context` positions per row, in the cache's dtype."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.transformer.wte.weight.numel() * 4 + batch * c.n_embd * 4
     kv = 2 * c.n_layer * batch * context * c.n_kv_head * (c.n_embd // c.n_head) * torch.tensor([], dtype=dtype).element_size()
