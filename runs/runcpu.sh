@@ -5,7 +5,9 @@
 #
 #   NANOCHAT_DATA_ROOT=../shared/data bash runs/runcpu.sh     # local data (pretrain/, tasks/, chat/, ...)
 #   bash runs/runcpu.sh                                       # downloads 4 FineWeb-Edu shards instead
-#   NAME_IDENTITY=Ada CREATOR=me bash runs/runcpu.sh          # a model named Ada (speedrun.sh generates its identity set)
+#   bash runs/runcpu.sh --name Ada --creator me               # a model named Ada (speedrun.sh generates its identity set;
+#                                                             # the same as NAME_IDENTITY=Ada CREATOR=me); it is then asked
+#                                                             # its name 10 times and says in how many replies the name appears
 #
 # Configuration for a 2-core CPU; the measurements behind it are in docs/LOG.md:
 # - vocab 8192: on a CPU the lm_head matmul dominates a small model (V x n_embd per token); 8K
@@ -21,6 +23,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --name) [ $# -ge 2 ] || { echo "error: --name needs a value" >&2; exit 2; }; export NAME_IDENTITY=$2; shift 2 ;;
+        --creator) [ $# -ge 2 ] || { echo "error: --creator needs a value" >&2; exit 2; }; export CREATOR=$2; shift 2 ;;
+        *) echo "error: unknown argument $1 (runs/runcpu.sh takes --name NAME and --creator WHO)" >&2; exit 2 ;;
+    esac
+done
+
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat/runcpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export NPROC=1 DEPTH=4 NUM_SHARDS=4 TOK_SHARDS=2 SKIP_RL=${SKIP_RL:-0} GPU_HOUR_PRICE=0
@@ -35,7 +45,14 @@ export CHAT_EVAL_ARGS="--max-problems 10 --max-new-tokens 48 --tasks ARC-Easy,MM
 bash speedrun.sh
 .venv/bin/python -m scripts.chat_cli -p "What is the capital of France?" --max-tokens 256
 if [ -n "${NAME_IDENTITY:-}" ]; then
-    .venv/bin/python -m scripts.chat_cli -p "What is your name?" --max-tokens 64
+    # 10 sampled replies (temperature 0.6, top-k 50, seeds 1..10); the name counts as a whole word
+    hits=0
+    for seed in 1 2 3 4 5 6 7 8 9 10; do
+        out=$(.venv/bin/python -m scripts.chat_cli -p "What is your name?" --max-tokens 64 --seed "$seed")
+        echo "$out"
+        if grep -v '^User: ' <<<"$out" | grep -qw -- "$NAME_IDENTITY"; then hits=$((hits + 1)); fi
+    done
+    echo "== the name $NAME_IDENTITY is in $hits of 10 replies to \"What is your name?\""
 fi
 echo "== stage times (s)"
 cat "$NANOCHAT_BASE_DIR/stages/times.tsv"
