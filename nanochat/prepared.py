@@ -30,6 +30,7 @@ import os
 
 from nanochat.common import NanochatError, atomic_write_bytes, get_base_dir, print0
 from nanochat.registry import file_hash
+from nanochat.tokenizer import get_tokenizer
 
 FORMAT, VERSION = "nanochat-prepared", 1
 DATA_FILE, MANIFEST_FILE = "data.jsonl", "manifest.json"
@@ -157,3 +158,32 @@ def check_prepared(name, tokenizer_fp, allow_stale=False):
                                 "(or train on it as it is with --allow-stale)")
         print0(f"warning: {what} (--allow-stale: training on it anyway)")
     return os.path.join(prepared_dir(name), DATA_FILE)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training scripts' flags (mid_train, chat_sft): one helper, one meaning.
+
+def data_path(name):
+    """The data.jsonl of prepared data set `name`."""
+    return os.path.join(prepared_dir(name), DATA_FILE)
+
+
+def add_prepared_args(group):
+    """--prepared NAME and --allow-stale, on a training script's data argument group."""
+    group.add_argument("--prepared", type=str, default=None, help="train on <base_dir>/prepared/NAME/data.jsonl (python -m scripts.data prepare NAME); not with --recipe")
+    group.add_argument("--allow-stale", action="store_true", help="with --prepared: train on a STALE prepared set (a warning) instead of stopping")
+
+
+def check_prepared_args(args):
+    """
+    Check --prepared/--recipe/--allow-stale after parsing, before anything is written: one of
+    --prepared and --recipe; --allow-stale only with --prepared; a STALE prepared set stops the run
+    (check_prepared) unless --allow-stale.
+    """
+    if args.prepared is None:
+        if args.allow_stale:
+            raise NanochatError("--allow-stale only applies with --prepared NAME")
+        return
+    if args.recipe is not None:
+        raise NanochatError(f"--prepared {args.prepared} and --recipe {args.recipe} both name the training data: give one")
+    check_prepared(args.prepared, get_tokenizer().fingerprint(), args.allow_stale)

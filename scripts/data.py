@@ -52,7 +52,9 @@ def resolve_recipe(arg):
         path = os.path.abspath(arg)
         name = os.path.splitext(os.path.basename(path))[0]
         return name, path, fix_command(path if os.path.dirname(path) != RECIPES_DIR else name)
-    raise NanochatError(f"no recipe {arg!r}: neither a file nor tasks/recipes/{arg}.{{json,yaml,yml}} "
+    if os.sep in arg or arg.endswith(RECIPE_EXTENSIONS):
+        raise NanochatError(f"no such recipe file {arg}")
+    raise NanochatError(f"no recipe {arg!r}: no file tasks/recipes/{arg}.{{json,yaml,yml}} "
                         f"(recipes there: {', '.join(sorted(recipe_names())) or 'none'})")
 
 
