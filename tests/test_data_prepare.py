@@ -192,7 +192,7 @@ SFT = ["--source", "base", "--model-tag", "t", "--device-batch-size", "2", "--to
 
 
 def test_chat_sft_stops_on_a_stale_prepared_set_unless_allow_stale(lab, monkeypatch, capsys):
-    from scripts import chat_sft
+    from scripts import chat_sft, mid_train
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = GPTConfig(sequence_len=64, vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
@@ -211,6 +211,10 @@ def test_chat_sft_stops_on_a_stale_prepared_set_unless_allow_stale(lab, monkeypa
     message = str(stale.value)
     assert "'mix' is STALE" in message and all(r in message for r in reasons) and f"python -m scripts.data prepare {lab['recipe']}" in message
     assert not os.path.exists(checkpoint_dir("sft", "t", str(lab["base"])))  # stopped before the run wrote anything
+    with pytest.raises(NanochatError, match="'mix' is STALE: .*recipe .* edited"):  # mid_train: the same flags, the same check
+        mid_train.main(["--model-tag", "t", "--prepared", "mix"])
+    with pytest.raises(NanochatError, match="--allow-stale only applies with --prepared"):
+        mid_train.main(["--model-tag", "t", "--allow-stale"])
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:  # in-process: main() installs its SIGTERM/SIGINT handlers, put pytest's back afterwards
