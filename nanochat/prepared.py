@@ -170,8 +170,10 @@ def data_path(name):
 
 def add_prepared_args(group):
     """--prepared NAME and --allow-stale, on a training script's data argument group."""
-    group.add_argument("--prepared", type=str, default=None, help="train on <base_dir>/prepared/NAME/data.jsonl (python -m scripts.data prepare NAME); not with --recipe")
-    group.add_argument("--allow-stale", action="store_true", help="with --prepared: train on a STALE prepared set (a warning) instead of stopping")
+    group.add_argument("--prepared", type=str, default=None, metavar="NAME",
+                       help="train on <base_dir>/prepared/NAME/data.jsonl (python -m scripts.data prepare NAME); not with --recipe")
+    group.add_argument("--allow-stale", action="store_true",
+                       help="with --prepared: train on a STALE prepared set (a warning) instead of stopping")
 
 
 def check_prepared_args(args):

@@ -37,8 +37,9 @@ def parse_args(argv=None):
     prepare.add_argument("recipe", type=str, help="a recipe name in tasks/recipes/ (without extension) or a recipe file path")
     prepare.add_argument("--dry-run", action="store_true", help="build the mixture and print its table; write nothing")
     prepare.add_argument("--force", action="store_true", help="rewrite the prepared set even when it is CURRENT")
-    prepare.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
-    verbs.add_parser("status", help="one line per recipe in tasks/recipes/ and per prepared set: CURRENT, STALE (why) or NOT PREPARED")
+    prepare.add_argument("--tasks-dir", type=str, default=None,
+                         help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
+    verbs.add_parser("status", help="one line per recipe in tasks/recipes/ and per prepared set: CURRENT, STALE (why), NOT PREPARED")
     return p.parse_args(argv)
 
 
@@ -158,7 +159,8 @@ def prepare(args):
 def status(args):
     tokenizer_fp = tokenizer_fingerprint()
     recipes = recipe_names()
-    prepared = sorted(d for d in os.listdir(prepared_root()) if os.path.isdir(os.path.join(prepared_root(), d))) if os.path.isdir(prepared_root()) else []
+    root = prepared_root()
+    prepared = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     for name in sorted(set(recipes) | set(prepared)):
         try:
             manifest = read_manifest(name)

@@ -227,7 +227,7 @@ def _category_counts(categories, of_entry, tasks, size, fail):
     for task, n in zip(tasks, lengths):
         if n == 0:
             fail(f"task {type(task).__name__} is empty")
-    per_category = dict(zip(weighted, split_by_weights([categories[c] for c in weighted], size, len(weighted)))) if weighted else {}
+    per_category = dict(zip(weighted, split_by_weights([categories[c] for c in weighted], size, len(weighted)) if weighted else []))
     counts = list(lengths)  # "all": every example once
     for name, total in per_category.items():
         members = [i for i, c in enumerate(of_entry) if c == name]
