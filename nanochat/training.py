@@ -27,6 +27,7 @@ from nanochat import report
 from nanochat.checkpoint_manager import build_model, checkpoint_dir, find_latest_model_tag, list_steps, load_checkpoint, load_meta, load_model, load_tensor_file, save_checkpoint
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.optim import apply_schedules
+from nanochat.prepared import manifest_path
 from nanochat.registry import RunRecorder, check_name, file_hash
 from nanochat.scaling import EMBEDDING_LR, MATRIX_LR, SCALAR_LR, UNEMBEDDING_LR
 from nanochat.tokenizer import get_tokenizer
@@ -507,7 +508,9 @@ class RunState:
         if parent:
             with contextlib.suppress(NanochatError):
                 parent_run_id = load_meta(checkpoint_dir(parent["stage"], parent["model_tag"]), parent["step"]).get("run_id")
-        recipe = getattr(self.args, "recipe", None) or os.path.join(RECIPES_DIR, f"{self.stage}.json")
+        # --prepared NAME: the prepared set's manifest stands for the data (it hashes the recipe, sources and data)
+        prepared = getattr(self.args, "prepared", None)
+        recipe = manifest_path(prepared) if prepared else getattr(self.args, "recipe", None) or os.path.join(RECIPES_DIR, f"{self.stage}.json")
         recipe = os.path.abspath(recipe) if os.path.isfile(recipe) else None
         device = self.device.type + (f" {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "")
         return {

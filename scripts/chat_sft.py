@@ -4,6 +4,7 @@ the batch, loss only on the assistant's tokens (the mask of Tokenizer.render_con
 
     python -m scripts.chat_sft                              # from the latest mid (else base) checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft --recipe my_mix.json
+    python -m scripts.chat_sft --prepared sft_mix            # python -m scripts.data prepare sft_mix first
 
 The dtype, batch size, context length and base learning rates default to the parent checkpoint's;
 the run skeleton (resume, save, stop, step log) is nanochat.training.RunState.
@@ -19,7 +20,9 @@ from nanochat.checkpoint_manager import find_latest_model_tag
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.loss_eval import evaluate_loss
 from nanochat.optim import build_optimizer
+from nanochat.prepared import add_prepared_args, check_prepared_args, data_path
 from nanochat.training import RunState, add_run_args, parse_run_args
+from tasks.customjson import CustomJSON
 from tasks.recipe import load_recipe
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks", "recipes", "sft.json")
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--source", type=str, default=None, choices=["base", "mid"], help="stage to start from (default: mid if present, else base)")
     g.add_argument("--recipe", type=str, default=None, help="JSON/YAML mixture recipe (default: tasks/recipes/sft.json)")
+    add_prepared_args(g)
     g.add_argument("--val-conversations", type=int, default=256, help="conversations held out for the val loss")
     g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the training conversations when --num-iterations is not given")
     add_run_args(p, parent="mid or base", eval_every=50, init_lr_frac=0.02, warmdown_ratio=1.0, compile=0)
@@ -37,6 +41,7 @@ def parse_args(argv=None):
     for flag, ok in (("--val-conversations", args.val_conversations >= 0), ("--num-epochs", args.num_epochs > 0), ("--device-batch-size", args.device_batch_size != "auto")):
         if not ok:
             raise NanochatError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+    check_prepared_args(args)
     if args.source is None:
         try:
             find_latest_model_tag("mid")
@@ -68,7 +73,7 @@ def main(argv=None):
     model.compute_dtype = run.compute_dtype()
 
     # -------------------------------------------------------------------------------- data and batch
-    mixture = load_recipe(args.recipe or DEFAULT_RECIPE)
+    mixture = CustomJSON(data_path(args.prepared)) if args.prepared else load_recipe(args.recipe or DEFAULT_RECIPE)
     val_idx, train_idx = holdout_split(len(mixture), args.val_conversations, args.seed, world_size)
     T = run.resolve("max_seq_len", model.config.sequence_len)
     total_batch_size = run.resolve("total_batch_size", 32 * T)  # token slots: rows x max_seq_len

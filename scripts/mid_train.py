@@ -6,6 +6,7 @@ tokens with the loss only on the assistant's tokens (nanochat/chat_data.py).
 
     python -m scripts.mid_train                                  # latest base checkpoint, tasks/recipes/mid.json
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train --model-tag d20
+    python -m scripts.mid_train --prepared mid                   # python -m scripts.data prepare mid first
 
 The dtype, batch size, context length and learning rates default to the base run's (its checkpoint
 meta); the run skeleton (resume, save, stop, step log) is nanochat.training.RunState.
@@ -19,7 +20,9 @@ from nanochat.chat_data import ConversationLoader, estimate_tokens, holdout_spli
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.loss_eval import evaluate_loss
 from nanochat.optim import build_optimizer
+from nanochat.prepared import add_prepared_args, check_prepared_args, data_path
 from nanochat.training import RunState, add_run_args, parse_run_args
+from tasks.customjson import CustomJSON
 from tasks.recipe import load_recipe
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tasks", "recipes", "mid.json")
@@ -29,6 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Midtrain a base model on a conversation mixture")
     g = p.add_argument_group("data")
     g.add_argument("--recipe", type=str, default=None, help="JSON/YAML mixture recipe (default: tasks/recipes/mid.json)")
+    add_prepared_args(g)
     g.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
     g.add_argument("--val-conversations", type=int, default=500, help="conversations held out for the val loss")
     g.add_argument("--buffer-size", type=int, default=100, help="conversations the best-fit packer chooses from")
@@ -38,6 +42,7 @@ def parse_args(argv=None):
     for flag, ok in (("--val-conversations", args.val_conversations >= 0), ("--buffer-size", args.buffer_size >= 1), ("--num-epochs", args.num_epochs > 0), ("--device-batch-size", args.device_batch_size != "auto")):
         if not ok:
             raise NanochatError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+    check_prepared_args(args)
     return args
 
 
@@ -49,7 +54,7 @@ def main(argv=None):
     model.compute_dtype = run.compute_dtype()
 
     # -------------------------------------------------------------------------------- data and batch
-    mixture = load_recipe(args.recipe or DEFAULT_RECIPE, tasks_dir=args.tasks_dir)
+    mixture = CustomJSON(data_path(args.prepared)) if args.prepared else load_recipe(args.recipe or DEFAULT_RECIPE, tasks_dir=args.tasks_dir)
     val_idx, train_idx = holdout_split(len(mixture), args.val_conversations, args.seed, world_size)
     T = run.resolve("max_seq_len", model.config.sequence_len)
     total_batch_size = run.resolve("total_batch_size", 32 * T * world_size)  # a base checkpoint without one: 32 rows per rank

@@ -51,6 +51,7 @@ class ARC(Task):
         self.buckets = (subset.removeprefix("ARC-"),)
         path = os.path.join(resolve_tasks_dir(tasks_dir), "arc", f"{subset}-{LOCAL_SPLITS[split]}.jsonl")
         if os.path.exists(path):
+            self._source_files = [os.path.abspath(path)]
             self.rows = [arc_row_from_original(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
         else:
             self.rows = load_hub("ARC", path, "allenai/ai2_arc", subset, split)

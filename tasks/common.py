@@ -82,6 +82,15 @@ class Task:
         """RL reward in [0, 1] for `completion`; by default 1.0 when evaluate() says correct."""
         return float(self.evaluate(conversation, completion))
 
+    def source_files(self):
+        """
+        The local files this task's examples come from (absolute paths, in reading order): data
+        files it read, and for a generated task the generator's own module, since editing it changes
+        the data. scripts/data.py hashes them to tell when a prepared data set is stale. Default:
+        none (data from the Hugging Face hub has no local file to watch).
+        """
+        return list(getattr(self, "_source_files", []))
+
 
 class TaskMixture(Task):
     """
@@ -114,7 +123,7 @@ class TaskMixture(Task):
             if n == 0:
                 raise NanochatError(f"TaskMixture: task {type(task).__name__} is empty")
         if weights is not None:
-            counts = _split_by_weights(weights, sum(lengths) if size is None else size, len(tasks))
+            counts = split_by_weights(weights, sum(lengths) if size is None else size, len(tasks))
         elif counts is not None:
             if len(counts) != len(tasks):
                 raise NanochatError(f"TaskMixture: {len(counts)} counts for {len(tasks)} tasks")
@@ -146,6 +155,9 @@ class TaskMixture(Task):
         """The task that conversation i of this view comes from (e.g. to evaluate it)."""
         return self.tasks[self.task_ids[self._indices()[i]]]
 
+    def source_files(self):
+        return _union_of_sources(self.tasks)
+
 
 class TaskSequence(Task):
     """Tasks one after another, in the given order (e.g. a curriculum)."""
@@ -164,8 +176,17 @@ class TaskSequence(Task):
         t = bisect.bisect_right(self.offsets, index) - 1
         return self.tasks[t][index - self.offsets[t]]
 
+    def source_files(self):
+        return _union_of_sources(self.tasks)
 
-def _split_by_weights(weights, size, n_tasks):
+
+def _union_of_sources(tasks):
+    return list(dict.fromkeys(path for task in tasks for path in task.source_files()))
+
+
+def split_by_weights(weights, size, n_tasks):
+    """`size` (int >= 0) split into n_tasks ints in proportion to `weights` (positive numbers), by
+    largest remainder so that they sum to size exactly. Raises NanochatError on bad input."""
     if len(weights) != n_tasks:
         raise NanochatError(f"TaskMixture: {len(weights)} weights for {n_tasks} tasks")
     for w in weights:

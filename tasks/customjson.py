@@ -68,6 +68,7 @@ class CustomJSON(Task):
         if not os.path.isfile(path):
             raise NanochatError(f"{type(self).__name__}: no such file {path}")
         self.path = path
+        self._source_files = [os.path.abspath(path)]
         self.conversations = [parse_conversation(line, f"{path}:{n}") for n, line in read_lines(path)]
         if not self.conversations:
             raise NanochatError(f"{path}: no conversations in the file")

@@ -85,6 +85,7 @@ class GSM8K(Task):
         name = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
         path = os.path.join(root, "gsm8k", name)
         if os.path.exists(path):
+            self._source_files = [os.path.abspath(path)]
             self.rows = []
             for line_number, row in read_jsonl(path):
                 if not (isinstance(row, dict) and isinstance(row.get("question"), str)

@@ -55,6 +55,7 @@ class HumanEval(Task):
         self.timeout = timeout
         path = os.path.join(resolve_tasks_dir(tasks_dir), "humaneval", "HumanEval.jsonl")
         if os.path.exists(path):
+            self._source_files = [os.path.abspath(path)]
             self.rows = []
             for line_number, row in read_jsonl(path):
                 if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in FIELDS)):

@@ -84,7 +84,7 @@ class MMLU(Task):
         folder = os.path.join(resolve_tasks_dir(tasks_dir), "mmlu", LOCAL_FOLDERS[split])
         if os.path.isdir(folder):
             suffix = f"_{LOCAL_FOLDERS[split]}.csv"
-            self.rows = []
+            self.rows, self._source_files = [], []
             found = set()
             for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
                 name = os.path.basename(path)
@@ -92,6 +92,7 @@ class MMLU(Task):
                 found.add(subject)
                 if subjects is None or subject in subjects:
                     self.rows.extend(read_mmlu_csv(path, subject))
+                    self._source_files.append(os.path.abspath(path))
             missing = sorted(set(subjects or ()) - found)
             if missing:
                 raise NanochatError(f"MMLU: no {split} data for subject(s) {', '.join(missing)} in {folder}")

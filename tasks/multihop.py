@@ -36,6 +36,7 @@ hop gets full coverage. That is why the RL reward is correctness alone (Task.rew
 and coverage a diagnostic, reported by score().
 """
 
+import os
 import random
 import re
 from functools import lru_cache
@@ -131,6 +132,7 @@ class MultiHop(Task):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise NanochatError(f"MultiHop: seed must be an int >= 0, got {seed!r}")
         self.split, self.size, self.seed = split, size, seed
+        self._source_files = [os.path.abspath(__file__)]  # generated: the generator is the source
         self.hops = _hop_counts(hops, buckets)
         # The graph: person -> relation -> person, the target drawn among everyone else.
         rng = random.Random(f"MultiHop-graph-{seed}-{split}")

@@ -34,6 +34,7 @@ class SmolTalk(Task):
             for path in paths:
                 if not os.path.isfile(path):
                     raise NanochatError(f"SmolTalk: no such chat file {path}")
+            self._source_files = [os.path.abspath(path) for path in paths]
             lines = [(path, n, line) for path in paths for n, line in read_lines(path)]
             held_out = split == "test"
             self.conversations = [parse_conversation(line, f"{path}:{n}") for i, (path, n, line) in enumerate(lines)

@@ -68,6 +68,8 @@ class _WordTask(Task):
         check_choice(name, "split", split, ("train", "test"))
         self.size, self.split = size, split
         self.words = load_words(name, words_file, tasks_dir)
+        # the examples are generated from the words by this module's code: both are sources
+        self._source_files = [os.path.abspath(words_file or resolve_words_file(tasks_dir)), os.path.abspath(__file__)]
 
     def num_examples(self):
         return self.size

@@ -23,10 +23,11 @@ from nanochat.common import NanochatError
 from nanochat.execution import run_tool_call
 from tasks.arc import ARC, arc_row_from_original
 from tasks.common import Task, TaskMixture, TaskSequence, extract_choice, validate_conversation
-from tasks.customjson import CustomJSON, Identity
+from tasks.customjson import DEFAULT_IDENTITY_FILE, CustomJSON, Identity
 from tasks.gsm8k import GSM8K, extract_answer, solution_steps, steps_bucket
 from tasks.humaneval import HumanEval
 from tasks.mmlu import GROUPS, MMLU, SUBJECT_GROUPS, read_mmlu_csv, subject_group
+from tasks.multihop import MultiHop
 from tasks.recipe import load_recipe
 from tasks.smoltalk import TEST_EVERY, SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -516,10 +517,31 @@ def test_recipe_yaml_with_weights(tmp_path):
 
 @needs_shared
 def test_shipped_recipes_load(shared_env):
-    for name in ("mid.json", "sft.json"):
+    for name in ("mid.json", "sft.json", "sft_mix.yaml"):
         mixture = load_recipe(str(REPO / "tasks" / "recipes" / name))
         assert len(mixture) > 10_000
         validate_conversation(mixture[0], name)
+    # sft_mix is by category: 20000 rows shared 2:1:1:1, identity on top in full
+    shares = {name: target for name, target in mixture.categories.items() if target != "all"}
+    assert mixture.categories["identity"] == "all" and shares["chat"] == pytest.approx(2 * shares["math"])
+    assert sum(n for n, e in zip(mixture.counts, mixture.entries) if e["category"] != "identity") == 20_000
+
+
+@needs_shared
+def test_tasks_name_the_files_they_read(shared_env, base_dir):
+    """Task.source_files(): what scripts/data.py hashes to tell a stale prepared data set."""
+    tasks = SHARED / "tasks"
+    assert GSM8K(split="test").source_files() == [str(tasks / "gsm8k" / "test.jsonl")]
+    assert ARC("ARC-Easy", "train").source_files() == [str(tasks / "arc" / "ARC-Easy-Train.jsonl")]
+    assert HumanEval().source_files() == [str(tasks / "humaneval" / "HumanEval.jsonl")]
+    dev = MMLU(split="dev", subjects=["astronomy", "virology"]).source_files()
+    assert [os.path.basename(p) for p in dev] == ["astronomy_dev.csv", "virology_dev.csv"]
+    assert SmolTalk(files=["gpteacher.jsonl"]).source_files() == [str(SHARED / "chat" / "gpteacher.jsonl")]
+    # generated tasks: their generator's module is a source, besides the word list
+    assert SpellingBee(size=3).source_files() == [str(SHARED / "words" / "words_alpha.txt"), str(REPO / "tasks" / "spellingbee.py")]
+    assert MultiHop(size=3).source_files() == [str(REPO / "tasks" / "multihop.py")]
+    mixture = TaskMixture([Identity(), SpellingBee(size=3), SimpleSpelling(size=3)])
+    assert mixture.source_files() == [DEFAULT_IDENTITY_FILE, str(SHARED / "words" / "words_alpha.txt"), str(REPO / "tasks" / "spellingbee.py")]
 
 
 MALFORMED_RECIPES = [
