@@ -278,21 +278,36 @@ def test_a_lora_run_saves_the_adapter_resumes_exactly_and_loads_merged(lab, monk
         sft(lab, monkeypatch, "cut", "--num-iterations", 6, "--resume", "--lora-rank", 8)
 
 
-def test_merge_cli_and_info(lab):
+def lora_cli(capsys, *argv):
+    """scripts.lora in this process, as run_main runs it: (exit code, stdout, stderr)."""
+    from nanochat.common import run_main as run_script_main
+    from scripts import lora
+
+    code = 0
+    try:
+        run_script_main(lambda: lora.main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_merge_cli_and_info(lab, monkeypatch, capsys):
     base, env = str(lab["base"]), lab["env"]
-    os.symlink(checkpoint_dir("mid", "t", base), checkpoint_dir("mid", "m", base))
-    run_script("scripts.chat_sft", *SFT, "--recipe", lab["recipe"], "--model-tag", "m", "--num-iterations", 2, env=env)
-    out = run_script("scripts.lora", "merge", "--source", "sft", "--model-tag", "m", env=env).stdout
+    sft(lab, monkeypatch, "m", "--num-iterations", 2)
+    out = run_script("scripts.lora", "merge", "--source", "sft", "--model-tag", "m", env=env).stdout  # the real command line
     assert "m-merged" in out
     step_dir = os.path.join(checkpoint_dir("sft", "m-merged", base), "step_000002")
     assert os.path.isfile(os.path.join(step_dir, "model.pt")) and not load_meta(checkpoint_dir("sft", "m-merged", base), 2).get("lora")
-    again = run_script("scripts.lora", "merge", "--source", "sft", "--model-tag", "m", env=env, check=False)
-    assert again.returncode == 1 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    code, _, err = lora_cli(capsys, "merge", "--source", "sft", "--model-tag", "m")
+    assert code == 1 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, _, err = lora_cli(capsys, "merge", "--source", "mid", "--model-tag", "m")
+    assert code == 1 and "not a LoRA checkpoint" in err
     adapter = os.path.join(checkpoint_dir("sft", "m", base), "step_000002")
-    info = run_script("scripts.lora", "info", adapter, env=env).stdout
-    assert "rank 4" in info and "q,v,o,fc" in info and "5,632" in info  # 2 layers x r 4 x ((64 + 64) x 3 + (64 + 256))
-    bad = run_script("scripts.lora", "info", base, env=env, check=False)
-    assert bad.returncode == 1 and "adapter_config.json" in bad.stderr
+    code, info, _ = lora_cli(capsys, "info", adapter)
+    assert code == 0 and "rank 4" in info and "q,v,o,fc" in info and "5,632" in info  # 2 layers x r 4 x ((64 + 64) x 3 + (64 + 256))
+    code, _, err = lora_cli(capsys, "info", base)
+    assert code == 1 and "adapter_config.json" in err
 
     # the merged checkpoint equals the LoRA checkpoint, which equals mid + --lora DIR
     merged, _ = load_weights("sft", "m-merged", 2, "cpu", base_dir=base)
