@@ -197,11 +197,12 @@ def load_weights(stage, model_tag, step, device, base_dir=None, merge=True, _see
     return model, meta
 
 
-def load_model(stage, device, model_tag=None, step=None, base_dir=None):
+def load_model(stage, device, model_tag=None, step=None, base_dir=None, lora=None):
     """
     Load the model of a stage (STAGES: base, mid, sft, rsft, rl) for inference: the newest model_tag and step
-    unless given; a LoRA checkpoint comes with its adapter merged (load_weights). Returns (model in
-    eval mode, tokenizer, meta). Raises NanochatError when there is
+    unless given; a LoRA checkpoint comes with its adapter merged (load_weights). lora: an adapter
+    directory in PEFT's layout (the --lora flag of the inference scripts) merged on top, recorded as
+    meta["lora_dir"]. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
     nothing to load or the tokenizer is not the one the model was trained with
     (vocab size, and the fingerprint pinned in the meta).
     """
@@ -212,6 +213,11 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     step = find_last_step(ckpt_dir) if step is None else step
     model, meta = load_weights(stage, model_tag, step, device, base_dir)
     meta.setdefault("model_tag", model_tag)
+    if lora is not None:
+        from nanochat.lora import load_adapter
+
+        load_adapter(lora, model, merge=True)
+        meta["lora_dir"] = os.path.abspath(lora)
     model.eval()
     tokenizer = get_tokenizer(os.path.join(base_dir, "tokenizer") if base_dir else None)
     if tokenizer.vocab_size != model.config.vocab_size:

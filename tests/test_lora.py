@@ -319,3 +319,11 @@ def test_merge_cli_and_info(lab, monkeypatch, capsys):
         a, b, c = merged.eval()(idx), lora.eval()(idx), plus.eval()(idx)
     assert (a - b).abs().max() <= 1e-5 and torch.equal(b, c)
     assert len(lora_parameters(lora)) == 2 * 4 * TINY.n_layer
+
+    # chat_cli: mid + --lora DIR answers as the LoRA checkpoint does; a directory that is no adapter is one line
+    ask = ["-p", "red blue?", "--max-tokens", 8, "--temperature", 0, "--device-type", "cpu"]
+    via_flag = run_script("scripts.chat_cli", "--source", "mid", "--model-tag", "t", "--lora", adapter, *ask, env=env).stdout
+    via_ckpt = run_script("scripts.chat_cli", "--source", "sft", "--model-tag", "m", *ask, env=env).stdout
+    assert via_flag.splitlines()[-2:] == via_ckpt.splitlines()[-2:] and "Assistant:" in via_flag
+    with pytest.raises(NanochatError, match="no adapter_config.json"):
+        load_model("mid", "cpu", model_tag="t", base_dir=base, lora=base)
