@@ -103,7 +103,9 @@ class LoraLinear(Linear):
         y = super().forward(x)  # the base product, with gpt.Linear's decode fast path
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
-        return y + self.lora_B(self.lora_A(x)) * self.scale
+        # the scale on the [..., r] activation, not the [..., out] one, and added in place: y (F.linear's
+        # output) is not saved for backward, so this spares two output-sized temporaries per call
+        return y.add_(self.lora_B(self.lora_A(x) * self.scale))
 
 
 def lora_modules(model):

@@ -410,8 +410,9 @@ class RunState:
     checkpoint; every checkpoint pins the tokenizer (its fingerprint, checked on load and resume);
     append-only logs (metrics.jsonl, track_log files) are cut back to their length at the
     checkpoint on resume. Checkpoint meta: stage, model_tag, step, run_id, parent, tokenizer,
-    model_config, args, resolved (every setting as used, inherited by the next stage), loop_state,
-    rng_state and dataloader_state (per rank).
+    model_config, lora (a LoRA run's rank, alpha, targets, dropout; None otherwise: nanochat/lora.py,
+    its step holds the adapter instead of model.pt), args, resolved (every setting as used, inherited
+    by the next stage), loop_state, rng_state and dataloader_state (per rank).
 
     Run registry (nanochat.registry, rank 0; an error there is one warning line, never a stop):
     start() registers the run under its run_id (name: --name, else e001, e002, ...; run/run.json
