@@ -15,8 +15,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from conftest import byte_tokenizer
-from helpers.rl_util import run_main
-from helpers.scripts_util import make_env, read_metrics, run_script
+from helpers.rl_util import make_sft_base, run_main
+from helpers.scripts_util import SHARED_DATA, make_env, read_metrics, run_script
 from nanochat.checkpoint_manager import checkpoint_dir, load_meta, load_model, load_tensor_file, load_weights, save_checkpoint
 from nanochat.common import NanochatError
 from nanochat.engine import Engine, KVCache
@@ -327,3 +327,20 @@ def test_merge_cli_and_info(lab, monkeypatch, capsys):
     assert via_flag.splitlines()[-2:] == via_ckpt.splitlines()[-2:] and "Assistant:" in via_flag
     with pytest.raises(NanochatError, match="no adapter_config.json"):
         load_model("mid", "cpu", model_tag="t", base_dir=base, lora=base)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "tasks", "gsm8k")), reason="needs ../shared/data")
+@pytest.mark.parametrize("script", ["chat_rl", "chat_rsft"])
+def test_rl_and_rsft_train_an_adapter_through_the_engine(tmp_path, monkeypatch, script):
+    from scripts import chat_rl, chat_rsft
+
+    env = make_sft_base(tmp_path / "base")
+    argv = ["--questions-per-step", 2, "--num-samples", 4, "--max-new-tokens", 12, "--eval-every", -1, "--eval-problems", 1, "--eval-samples", 2,
+            "--device-batch-size", 3, "--num-iterations", 2, "--lora-rank", 2, "--lora-lr", 0.05] + (["--kl-coef", 0.05] if script == "chat_rl" else [])
+    run_main({"chat_rl": chat_rl, "chat_rsft": chat_rsft}[script].main, argv, env, monkeypatch)
+    stage = "rl" if script == "chat_rl" else "rsft"
+    step_dir = os.path.join(checkpoint_dir(stage, "t", str(tmp_path / "base")), "step_000002")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(step_dir)) and "model.pt" not in os.listdir(step_dir)
+    parent, _ = load_weights("sft", "t", 5, "cpu", base_dir=str(tmp_path / "base"))
+    tuned, _ = load_weights(stage, "t", 2, "cpu", base_dir=str(tmp_path / "base"), merge=False)
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in tuned.state_dict().items() if "lora_" not in k)
