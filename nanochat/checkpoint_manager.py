@@ -6,6 +6,11 @@ The one checkpoint format and the one place that maps a training stage to its di
         optim_rank<r>.pt    rank r's optimizer state (the optimizer state is sharded across ranks)
         meta.json           model config, args, step, loop/dataloader state, RNG states, ...
 
+A LoRA run's step (meta["lora"]: rank, alpha, targets, dropout) holds its adapter in PEFT's layout
+(nanochat/lora.py) instead of model.pt: adapter_config.json + adapter_model.safetensors. Its
+weights are those of meta["parent"] (stage, model_tag, step; itself possibly a LoRA checkpoint)
+plus the adapter, which load_model merges.
+
 A checkpoint is written into `step_XXXXXX.tmp/` and renamed into place once every file is
 complete, so a directory without the .tmp suffix is always whole; a crash mid-save loses nothing.
 """
@@ -93,7 +98,14 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
             _save_tensor_file(optimizer_state, os.path.join(tmp, f"optim_rank{rank}.pt"))
         _barrier()
         if rank == 0:
-            _save_tensor_file(model_state, os.path.join(tmp, "model.pt"))
+            if meta.get("lora"):  # model_state: lora.adapter_state_dict(); the base is the parent's
+                from nanochat.lora import LoraSpec, write_adapter
+
+                p = meta["parent"]
+                parent_dir = os.path.abspath(os.path.join(ckpt_dir, os.pardir, os.pardir, p["stage"], p["model_tag"], f"step_{p['step']:06d}"))
+                write_adapter(tmp, model_state, LoraSpec(**meta["lora"]), base_model=parent_dir)
+            else:
+                _save_tensor_file(model_state, os.path.join(tmp, "model.pt"))
             atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str).encode())
             if os.path.isdir(final):  # re-saving the same step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
@@ -160,10 +172,37 @@ def build_model(model_state, meta, device):
     return model
 
 
-def load_model(stage, device, model_tag=None, step=None, base_dir=None):
+def load_weights(stage, model_tag, step, device, base_dir=None, merge=True, _seen=()):
+    """
+    The GPT of one checkpoint (fp32, train mode) and its meta. A full checkpoint: build_model of
+    its model.pt. A LoRA checkpoint: its parent's weights (recursively) with this step's adapter on
+    top, merged into the weights (merge=True; a plain model, every parameter trainable) or kept as
+    a trainable adapter over the frozen parent (merge=False: resuming the LoRA run). Raises
+    NanochatError for a missing or corrupt file or a parent chain that loops.
+    """
+    ckpt_dir = checkpoint_dir(stage, model_tag, base_dir)
+    meta = load_meta(ckpt_dir, step)
+    if not meta.get("lora"):
+        model_state = load_tensor_file(os.path.join(ckpt_dir, f"step_{step:06d}", "model.pt"), device)
+        return build_model(model_state, meta, device), meta
+    from nanochat.lora import load_adapter
+
+    parent, here = meta.get("parent") or {}, (stage, model_tag, step)
+    if not parent or here in _seen:
+        raise NanochatError(f"LoRA checkpoint {ckpt_dir} step {step}: {'no parent in its meta' if not parent else 'its parent chain loops'}")
+    model, _ = load_weights(parent["stage"], parent["model_tag"], parent["step"], device, base_dir, True, (*_seen, here))
+    load_adapter(os.path.join(ckpt_dir, f"step_{step:06d}"), model, merge=merge)
+    if merge:
+        model.requires_grad_(True)  # like build_model's: a merged model is a plain one
+    return model, meta
+
+
+def load_model(stage, device, model_tag=None, step=None, base_dir=None, lora=None):
     """
     Load the model of a stage (STAGES: base, mid, sft, rsft, rl) for inference: the newest model_tag and step
-    unless given. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
+    unless given; a LoRA checkpoint comes with its adapter merged (load_weights). lora: an adapter
+    directory in PEFT's layout (the --lora flag of the inference scripts) merged on top, recorded as
+    meta["lora_dir"]. Returns (model in eval mode, tokenizer, meta). Raises NanochatError when there is
     nothing to load or the tokenizer is not the one the model was trained with
     (vocab size, and the fingerprint pinned in the meta).
     """
@@ -172,9 +211,13 @@ def load_model(stage, device, model_tag=None, step=None, base_dir=None):
     model_tag = model_tag or find_latest_model_tag(stage, base_dir)
     ckpt_dir = checkpoint_dir(stage, model_tag, base_dir)
     step = find_last_step(ckpt_dir) if step is None else step
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model, meta = load_weights(stage, model_tag, step, device, base_dir)
     meta.setdefault("model_tag", model_tag)
-    model = build_model(model_state, meta, device)
+    if lora is not None:
+        from nanochat.lora import load_adapter
+
+        load_adapter(lora, model, merge=True)
+        meta["lora_dir"] = os.path.abspath(lora)
     model.eval()
     tokenizer = get_tokenizer(os.path.join(base_dir, "tokenizer") if base_dir else None)
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -637,6 +637,21 @@ def build_optimizer(
     return MuonAdamW(groups, grad_clip=grad_clip)
 
 
+def build_adapter_optimizer(params, *, lr, adam_betas=(0.8, 0.95), weight_decay=0.0, grad_clip=0.0):
+    """
+    MuonAdamW with one AdamW group "lora" over params (LoRA adapter factors, nanochat.lora): the
+    frozen base weights get no optimizer state. AdamW rather than Muon, as in LoRA's published recipes
+    (Hu et al. 2021): Muon's orthogonalisation and shape scaling are tuned for full hidden
+    matrices, not for [r, in] / [out, r] factors of which only the product B @ A matters.
+    lr: used as given (no width scaling); betas and eps as the model's other AdamW groups.
+    Raises NanochatError when params is empty or a hyperparameter is invalid.
+    """
+    params = list(params)
+    if not params:
+        raise NanochatError("build_adapter_optimizer: no adapter parameters")
+    return MuonAdamW([dict(kind="adamw", name="lora", params=params, lr=lr, betas=tuple(adam_betas), eps=1e-10, weight_decay=weight_decay)], grad_clip=grad_clip)
+
+
 # ------------------------------------------------------------------------------------------------
 # Schedules
 

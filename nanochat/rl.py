@@ -514,9 +514,9 @@ def micro_batches(rows, batch_size, pad_id, device=None):
 
 def optimizer_step(model, optimizer):
     """One optimizer step and zero_grad; a rank with nothing to train on joins the collective update
-    with zero gradients. Returns the gradient norm (float)."""
+    with zero gradients for the trainable parameters. Returns the gradient norm (float)."""
     for p in model.parameters():
-        if p.grad is None:
+        if p.requires_grad and p.grad is None:  # frozen weights (a LoRA run's base) take no step
             p.grad = torch.zeros_like(p)
     grad_norm = optimizer.step()
     model.zero_grad(set_to_none=True)

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import report
-from nanochat.checkpoint_manager import build_model, checkpoint_dir, find_latest_model_tag, list_steps, load_checkpoint, load_meta, load_model, load_tensor_file, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_dir, find_latest_model_tag, list_steps, load_meta, load_model, load_tensor_file, load_weights, save_checkpoint
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.optim import apply_schedules
+from nanochat.lora import DEFAULT_TARGETS, LoraSpec, adapter_state_dict, apply_lora, lora_parameters
+from nanochat.optim import apply_schedules, build_adapter_optimizer, build_optimizer
 from nanochat.prepared import manifest_path
 from nanochat.registry import RunRecorder, check_name, file_hash
 from nanochat.scaling import EMBEDDING_LR, MATRIX_LR, SCALAR_LR, UNEMBEDDING_LR
@@ -205,6 +206,10 @@ def train_step(model, optimizer, batches, normalize="rows"):
 
 INHERITED = ("dtype", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "max_seq_len", "device_batch_size", "total_batch_size")
 BASE_LRS = {"matrix_lr": MATRIX_LR, "embedding_lr": EMBEDDING_LR, "unembedding_lr": UNEMBEDDING_LR, "scalar_lr": SCALAR_LR}
+# The adapters' AdamW learning rate, used as given at every depth: B starts at zero and one Adam step
+# moves each factor entry by ~lr, so the update B @ A grows with r (fixed by alpha / r), not with
+# width. 1e-3 is the usual LoRA rate for small models (Hu et al. 2021 used 2e-4 to 2e-3 on GPT-2).
+LORA_LR = 1e-3
 
 
 def add_run_args(p, parent, token_batches=True, **defaults):
@@ -243,6 +248,13 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR warmdown at the end")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end of warmdown, as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: no clipping)")
+    if parent:
+        g = p.add_argument_group("LoRA adapters (docs/finetune.md): train low-rank updates of a frozen model")
+        g.add_argument("--lora-rank", type=int, default=0, help="rank r of the adapters (0: full fine-tuning, no adapters)")
+        g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' updates are scaled by alpha / r (default: r, a scale of 1)")
+        g.add_argument("--lora-targets", type=str, default=None, help=f"Linears of every block to adapt, comma-separated: q,k,v,o (attention), fc, down (MLP) (default: {DEFAULT_TARGETS})")
+        g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input while training (default: 0)")
+        g.add_argument("--lora-lr", type=float, default=None, help=f"peak AdamW learning rate of the adapters, under the stage's LR schedule; --init-lr-frac does not apply (default: {LORA_LR})")
     g = p.add_argument_group("evaluation and checkpoints (-1 disables a periodic action)")
     g.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (-1: only at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
@@ -331,6 +343,15 @@ def parse_run_args(p, argv=None):
     for name, test in checks:
         if not ok(name, test):
             raise NanochatError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if getattr(args, "lora_rank", 0) < 0:
+        raise NanochatError(f"--lora-rank {args.lora_rank} is out of range (0: no adapters)")
+    lora_flags = [f for f in ("lora_alpha", "lora_targets", "lora_dropout", "lora_lr") if getattr(args, f, None) is not None]
+    if lora_flags and not args.lora_rank:
+        raise NanochatError(f"--{lora_flags[0].replace('_', '-')} needs --lora-rank (adapters are off without it)")
+    if getattr(args, "lora_rank", 0):
+        lora_spec(args)  # NanochatError naming the flag: --lora-alpha, --lora-targets, --lora-dropout
+        if not (args.lora_lr is None or 0 < args.lora_lr < math.inf):
+            raise NanochatError(f"--lora-lr {args.lora_lr} is out of range")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise NanochatError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} is above 1")
     if args.resume and args.overwrite:
@@ -338,6 +359,15 @@ def parse_run_args(p, argv=None):
     if args.name is not None:
         check_name(args.name, "--name")
     return args
+
+
+def lora_spec(args):
+    """The LoraSpec of the --lora-* flags, None without --lora-rank. Raises NanochatError naming the flag."""
+    if not getattr(args, "lora_rank", 0):
+        return None
+    alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
+    targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets
+    return LoraSpec(args.lora_rank, alpha, targets, args.lora_dropout or 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,8 +411,9 @@ class RunState:
     checkpoint; every checkpoint pins the tokenizer (its fingerprint, checked on load and resume);
     append-only logs (metrics.jsonl, track_log files) are cut back to their length at the
     checkpoint on resume. Checkpoint meta: stage, model_tag, step, run_id, parent, tokenizer,
-    model_config, args, resolved (every setting as used, inherited by the next stage), loop_state,
-    rng_state and dataloader_state (per rank).
+    model_config, lora (a LoRA run's rank, alpha, targets, dropout; None otherwise: nanochat/lora.py,
+    its step holds the adapter instead of model.pt), args, resolved (every setting as used, inherited
+    by the next stage), loop_state, rng_state and dataloader_state (per rank).
 
     Run registry (nanochat.registry, rank 0; an error there is one warning line, never a stop):
     start() registers the run under its run_id (name: --name, else e001, e002, ...; run/run.json
@@ -423,6 +454,7 @@ class RunState:
         self.run_id = self.meta.get("run_id") or uuid.uuid4().hex[:12]
         self.loop = dict(self.meta.get("loop_state", {}))
         self.parent_info = self.meta.get("parent")
+        self.lora = self._lora()
         self.resolved, self._inherit = {}, dict(self.meta.get("resolved", {}))
         self.model = self.optimizer = self.loader = self.train_model = None
         self.total_time, self.lrm, self._saved_step, self._logs = self.loop.get("total_time", 0.0), 1.0, None, {}
@@ -437,18 +469,45 @@ class RunState:
         if pinned is not None and pinned != ours:
             raise NanochatError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {ours}) is not the one {where} was trained with ({pinned})")
 
+    def _lora(self):
+        """This run's LoraSpec (None: full fine-tuning): the --lora-* flags; when resuming, the
+        checkpoint's (flags given again must agree)."""
+        wanted = lora_spec(self.args)
+        if not self.resuming:
+            return wanted
+        saved = LoraSpec(**self.meta["lora"]) if self.meta.get("lora") else None
+        if wanted is not None and wanted != saved:
+            held = f"a LoRA run ({saved.to_dict()})" if saved else "a full fine-tuning run"
+            raise NanochatError(f"--resume: {self.ckpt_dir} holds {held}; the --lora-* flags ask for {wanted.to_dict()}")
+        return saved
+
     def load_model(self):
         """The model to train (fp32 weights, train mode): this run's latest checkpoint when
-        resuming, else the parent stage's checkpoint of this model tag (--step, default its last)."""
-        if self.resuming:
-            model_state, _, _ = load_checkpoint(self.ckpt_dir, self.start_step, self.device)
-            model = build_model(model_state, self.meta, self.device)
+        resuming, else the parent stage's checkpoint of this model tag (--step, default its last).
+        A LoRA run (--lora-rank): the parent's weights frozen, with trainable adapters on top."""
+        if self.resuming:  # a LoRA run: its parent's weights and this run's adapter, unmerged
+            model, _ = load_weights(self.stage, self.model_tag, self.start_step, self.device, merge=False)
         else:
             model, _, meta = load_model(self.parent, self.device, model_tag=self.model_tag, step=self.args.step)
             self._inherit = {k: v for k, v in (meta.get("resolved") or meta.get("hparams", {})).items() if k in INHERITED}
             self.parent_info = {"stage": self.parent, "model_tag": self.model_tag, "step": meta["step"]}
             print0(f"{self.stage}: starting from the {self.parent} model {self.model_tag} (step {meta['step']})")
+            if self.lora is not None:
+                apply_lora(model, self.lora)
+        if self.lora is not None:
+            trainable = sum(p.numel() for p in lora_parameters(model))
+            print0(f"LoRA {self.lora.to_dict()}: {trainable:,} trainable parameters of {model.num_params():,} ({100 * trainable / model.num_params():.2f}%)")
         return model.set_dropout(getattr(self.args, "dropout", 0.0)).train()
+
+    def build_optimizer(self, model):
+        """The optimizer of this run: MuonAdamW over the whole model (nanochat.optim.build_optimizer,
+        at the resolved base learning rates x --init-lr-frac), or for a LoRA run AdamW over the
+        adapters only (build_adapter_optimizer at --lora-lr): no optimizer state for frozen weights."""
+        a = self.args
+        if self.lora is not None:
+            return build_adapter_optimizer(lora_parameters(model), lr=self.resolve("lora_lr", LORA_LR), grad_clip=a.grad_clip)
+        lrs = self.learning_rates(getattr(a, "init_lr_frac", 1.0))
+        return build_optimizer(model, **lrs, weight_decay=self.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=a.grad_clip)
 
     def resolve(self, name, default=None):
         """A setting: its flag if given, else the resumed run's or (INHERITED only) the parent
@@ -705,6 +764,7 @@ class RunState:
             "parent": self.parent_info,
             "tokenizer": self.tokenizer_fp,
             "model_config": self.model.config.to_dict(),
+            "lora": self.lora.to_dict() if self.lora is not None else None,
             "args": vars(self.args),
             "resolved": self.resolved,
             "loop_state": self.loop,
@@ -712,7 +772,8 @@ class RunState:
         }
         if self.loader is not None:
             meta["dataloader_state"] = self.gather(self.loader.state_dict())
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id, protect=self.loop.get("best", {}).get("step") if self.args.early_stop_patience else None)
+        model_state = adapter_state_dict(self.model) if self.lora is not None else self.model.state_dict()
+        path = save_checkpoint(self.ckpt_dir, self.step, model_state, self.optimizer.state_dict(), meta, rank=self.rank, keep_last=self.args.keep_last, run_id=self.run_id, protect=self.loop.get("best", {}).get("step") if self.args.early_stop_patience else None)
         self._saved_step = self.step
         print0(f"saved checkpoint {path}")
         if self.recorder is not None:  # the wall time so far and the settings resolved since start()

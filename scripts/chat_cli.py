@@ -28,6 +28,7 @@ def parse_args():
     p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag under the stage (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--lora", type=str, default=None, help="a LoRA adapter directory (PEFT layout, e.g. a step directory of a --lora-rank run) merged on top of the chosen model")
     p.add_argument("--system", type=str, default=None, help="system message that opens the conversation")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
@@ -88,7 +89,7 @@ def main():
     check_args(args)
     apply_model_ref(args)
     _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step, lora=args.lora)
     # a full context plus the reply must fit the RoPE table (the engine refuses a request that does not)
     most = model.rotary_seq_len - model.config.sequence_len + 1
     if args.max_tokens > most:

@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag (default: the newest of the stage)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--lora", type=str, default=None, help="a LoRA adapter directory (PEFT layout, e.g. a step directory of a --lora-rank run) merged on top of the chosen model")
     p.add_argument("--tasks", type=str, default=",".join(CHAT_TASKS), help=f"comma-separated tasks, of: {', '.join(EVAL_TASKS)} (default: ChatCORE's {len(CHAT_TASKS)})")
     p.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all; else a fixed random subset)")
@@ -62,7 +63,7 @@ def main(argv=None):
     print0(json.dumps(vars(args)))
 
     # -------------------------------------------------------------------------------- model and tasks
-    model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step, lora=args.lora)
     print0(f"evaluating {args.source} model {meta['model_tag']} step {meta['step']}: {model.config}")
     tasks = {name: load_chat_task(name, args.tasks_dir) for name in args.tasks}  # fail early on missing data
 
@@ -102,6 +103,7 @@ def main(argv=None):
             "source": args.source,
             "model_tag": meta["model_tag"],
             "step": meta["step"],
+            "lora_dir": meta.get("lora_dir"),
             "model_config": model.config.to_dict(),
             "args": vars(args),
             "tasks": {r["task"]: r for r in results},
@@ -116,7 +118,8 @@ def main(argv=None):
         atomic_write_bytes(path + ".md", (title + table + "\n").encode())
         print0(f"wrote {path}.json and .md")
         run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table})
-        record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(core_results, chatcore) + chat_eval_rows(extra_results, None), "chat_eval")
+        if args.lora is None:  # the registry's evals belong to a checkpoint; checkpoint + --lora is none
+            record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(core_results, chatcore) + chat_eval_rows(extra_results, None), "chat_eval")
     compute_cleanup()
 
 

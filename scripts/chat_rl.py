@@ -32,7 +32,6 @@ import torch
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
-from nanochat.optim import build_optimizer
 from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, group_advantages, load_rl_data, log_rl_step, prompt_schedule,
                          micro_batches, optimizer_step, policy_gradient_loss, sample_step, token_logprobs)
 from nanochat.training import RunState, add_run_args, parse_run_args
@@ -77,7 +76,7 @@ def main(argv=None):
     K, B = args.num_samples, run.resolve("device_batch_size", 8)
 
     # -------------------------------------------------------------------------------- optimizer, loop
-    optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
+    optimizer = run.build_optimizer(model)  # MuonAdamW over the model, or AdamW over the LoRA adapters only
     run.start(model, optimizer)
     for step in run.steps(num_iterations):
         if run.due(args.eval_every, at_start=True) and evaluate_policy(run, model, eval_name, eval_task, args):

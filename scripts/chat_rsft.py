@@ -33,7 +33,6 @@ import os
 
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
-from nanochat.optim import build_optimizer
 from nanochat.registry import file_hash
 from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, prompt_schedule, micro_batches,
                          optimizer_step, rollout_to_conversation, sample_step, select_correct)
@@ -105,7 +104,7 @@ def main(argv=None):
     K, B = args.num_samples, run.resolve("device_batch_size", 8)
 
     # -------------------------------------------------------------------------------- optimizer, loop
-    optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
+    optimizer = run.build_optimizer(model)  # MuonAdamW over the model, or AdamW over the LoRA adapters only
     run.start(model, optimizer)
     samples_path = run.track_log(os.path.join(run.ckpt_dir, "run", "rsft_samples.jsonl"))
     for step in run.steps(num_iterations):

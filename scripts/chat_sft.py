@@ -19,7 +19,6 @@ from nanochat.chat_data import holdout_split
 from nanochat.checkpoint_manager import find_latest_model_tag
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.loss_eval import evaluate_loss
-from nanochat.optim import build_optimizer
 from nanochat.prepared import add_prepared_args, check_prepared_args, data_path
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.customjson import CustomJSON
@@ -105,7 +104,7 @@ def main(argv=None):
         return run.early_stop(val_loss)  # True: stop early (--early-stop-patience, --divergence-threshold)
 
     # -------------------------------------------------------------------------------- optimizer and loop
-    optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
+    optimizer = run.build_optimizer(model)  # MuonAdamW over the model, or AdamW over the LoRA adapters only
     run.start(model, optimizer)
     for step in run.steps(num_iterations):
         if run.due(args.eval_every, at_start=True) and evaluate():

@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type=str, default=None, help="a registered model: NAME, NAME:vN or NAME@ALIAS (python -m scripts.lab register; instead of --source/--model-tag/--step)")
     p.add_argument("--model-tag", type=str, default=None, help="model tag under the stage (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--lora", type=str, default=None, help="a LoRA adapter directory (PEFT layout, e.g. a step directory of a --lora-rank run) merged on top of the chosen model")
     p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--num-gpus", type=int, default=None, help="CUDA only: replicas, one per GPU (default: every visible GPU)")
     p.add_argument("--host", type=str, default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
@@ -71,7 +72,7 @@ def main():
         devices = [torch.device(device_type)]
     replicas, meta = [], None
     for device in devices:
-        model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step, lora=args.lora)
         replicas.append(Replica(model, tokenizer, args.max_batch_size))
     config = model.config
     print0(f"loaded {args.source} {meta['model_tag']} step {meta['step']} ({model.num_params():,} parameters) on {', '.join(map(str, devices))}")
@@ -83,7 +84,7 @@ def main():
     if max_prompt_tokens >= max_context:
         raise NanochatError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room in the model's context of {max_context}")
     serving = ServingConfig(
-        model_id=args.model_name or args.model or f"nanochat-{args.source}-{meta['model_tag']}-step{meta['step']}",
+        model_id=args.model_name or args.model or f"nanochat-{args.source}-{meta['model_tag']}-step{meta['step']}" + ("-lora" if args.lora else ""),
         max_prompt_tokens=max_prompt_tokens, max_new_tokens=min(args.max_new_tokens, max_context - 1), max_context=max_context,
         max_n=args.max_n, max_request_bytes=args.max_request_bytes, temperature=args.temperature,
         top_k=args.top_k or None, tools=args.tools,

@@ -19,7 +19,6 @@ import os
 from nanochat.chat_data import ConversationLoader, estimate_tokens, holdout_split
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.loss_eval import evaluate_loss
-from nanochat.optim import build_optimizer
 from nanochat.prepared import add_prepared_args, check_prepared_args, data_path
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.customjson import CustomJSON
@@ -87,7 +86,7 @@ def main(argv=None):
             return run.early_stop(val_loss)  # True: stop early (--early-stop-patience, --divergence-threshold)
 
     # -------------------------------------------------------------------------------- optimizer and loop
-    optimizer = build_optimizer(model, **run.learning_rates(args.init_lr_frac), weight_decay=run.resolve("weight_decay"), model_dim=model.config.n_embd, grad_clip=args.grad_clip)
+    optimizer = run.build_optimizer(model)  # MuonAdamW over the model, or AdamW over the LoRA adapters only
     train_loader = loader(train_idx)
     run.start(model, optimizer, train_loader)
     for step in run.steps(num_iterations):
