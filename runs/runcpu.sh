@@ -39,6 +39,12 @@ export BASE_ARGS="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-bat
 export BASE_EVAL_ARGS="--max-per-task 20 --split-tokens 131072 --device-batch-size 16"
 export MID_ARGS="--max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 30 --val-conversations 64"
 export SFT_ARGS="--max-seq-len 256 --device-batch-size 8 --total-batch-size 4096 --num-iterations 150 --val-conversations 64 --eval-every 50 --init-lr-frac 0.5"
+# A named model trains SFT on tasks/recipes/sft_mix.yaml, whose identity category is "all": every one of
+# the 2,000 generated identity conversations (9% of the mix) instead of sft.json's 300 (1.4%). At
+# 2,400 conversations of SFT the model then gave its name in 10 of 10 replies, against 3 of 10 (docs/LOG.md).
+if [ -n "${NAME_IDENTITY:-}" ]; then
+    SFT_ARGS="$SFT_ARGS --recipe tasks/recipes/sft_mix.yaml"
+fi
 export RL_ARGS="--num-iterations 6 --questions-per-step 4 --num-samples 4 --max-new-tokens 64 --device-batch-size 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --format-reward 0.1"
 export CHAT_EVAL_ARGS="--max-problems 10 --max-new-tokens 48 --tasks ARC-Easy,MMLU,GSM8K,SpellingBee"
 

@@ -4,11 +4,14 @@ LoRA against full fine-tuning: the same model, data and steps through the real S
 
     python -m scripts.bench_lora                          # depth 4, rank 8 on q,k,v,o,fc, 40 steps, CPU: ~2 min
     python -m scripts.bench_lora --depth 8 --steps 200 --lora-rank 16 --lora-targets q,k,v,o,fc,down
+    python -m scripts.bench_lora --from-base-dir ~/.cache/nanochat-reasoning --from-stage base   # a trained parent
 
 Set-up (hermetic, in a temporary base dir): the byte-level tokenizer (256 byte tokens + specials),
 a random GPT of --depth (GPTConfig.from_depth, context 256) saved as the "mid" checkpoint, and
 MultiHop conversations (generated, no downloads; --val-conversations of them held out). Both
 variants run chat_sft from that checkpoint with the same flags; the LoRA run adds --lora-*.
+With --from-base-dir DIR the parent is instead DIR's checkpoint of --from-stage (tag --from-tag,
+default the newest; its last step) with DIR's tokenizer: a trained model, which is what LoRA is for.
 
 Columns:
 - trainable: parameters the optimizer updates (full: all; LoRA: the adapters' A and B).
@@ -34,7 +37,9 @@ import sys
 import shutil
 import tempfile
 
-from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
+import torch
+
+from nanochat.checkpoint_manager import checkpoint_dir, find_latest_model_tag, load_model, save_checkpoint
 from nanochat.common import run_main
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora import LoraSpec, apply_lora
@@ -62,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-lr", type=float, default=None, help="the adapters' learning rate (default: chat_sft's)")
     p.add_argument("--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and of the runs")
+    p.add_argument("--from-base-dir", type=str, default=None, help="a trained parent: this NANOCHAT_BASE_DIR's tokenizer and checkpoint (instead of a random model)")
+    p.add_argument("--from-stage", type=str, default="base", help="with --from-base-dir: the parent's stage")
+    p.add_argument("--from-tag", type=str, default=None, help="with --from-base-dir: the parent's model tag (default: the newest)")
     p.add_argument("--keep", action="store_true", help="keep the temporary base dir (checkpoints, metrics) instead of deleting it")
     return p.parse_args(argv)
 
@@ -88,13 +96,23 @@ def main(argv=None):
 
 def bench(args, work):
     base = os.path.join(work, "base")
-    tok = Tokenizer({bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
-    tok.save(os.path.join(base, "tokenizer"))
-    config = GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=256)
-    model = GPT(config)
-    model.init_weights(seed=args.seed)
-    meta = {"stage": "mid", "model_tag": "bench", "step": 0, "model_config": config.to_dict(), "tokenizer": tok.fingerprint()}
-    save_checkpoint(checkpoint_dir("mid", "bench", base), 0, model.state_dict(), None, meta)
+    if args.from_base_dir:  # a trained parent: link its checkpoint directory, copy its tokenizer
+        source = args.from_stage
+        parent_dir = checkpoint_dir(source, args.from_tag or find_latest_model_tag(source, args.from_base_dir), args.from_base_dir)
+        shutil.copytree(os.path.join(args.from_base_dir, "tokenizer"), os.path.join(base, "tokenizer"))
+        model, _, meta = load_model(source, torch.device("cpu"), model_tag=os.path.basename(parent_dir), base_dir=args.from_base_dir)
+        config = model.config
+        os.makedirs(os.path.dirname(checkpoint_dir(source, "bench", base)), exist_ok=True)
+        os.symlink(os.path.abspath(parent_dir), checkpoint_dir(source, "bench", base))
+    else:
+        source = "mid"
+        tok = Tokenizer({bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
+        tok.save(os.path.join(base, "tokenizer"))
+        config = GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=256)
+        model = GPT(config)
+        model.init_weights(seed=args.seed)
+        meta = {"stage": "mid", "model_tag": "bench", "step": 0, "model_config": config.to_dict(), "tokenizer": tok.fingerprint()}
+        save_checkpoint(checkpoint_dir("mid", "bench", base), 0, model.state_dict(), None, meta)
     recipe = os.path.join(work, "recipe.json")
     with open(recipe, "w") as f:
         json.dump({"seed": args.seed, "tasks": [{"task": "MultiHop", "args": {"split": "train", "size": args.conversations}}]}, f)
@@ -103,17 +121,18 @@ def bench(args, work):
     lora_params = sum(p.numel() for p in apply_lora(model, spec))
 
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, PYTHONUNBUFFERED="1")
-    common = ["--source", "mid", "--recipe", recipe, "--num-iterations", args.steps, "--device-batch-size", args.device_batch_size,
+    common = ["--source", source, "--recipe", recipe, "--num-iterations", args.steps, "--device-batch-size", args.device_batch_size,
               "--total-batch-size", args.device_batch_size * config.sequence_len, "--val-conversations", args.val_conversations,
               "--eval-every", -1, "--seed", args.seed]
     if args.device_type:
         common += ["--device-type", args.device_type]
     lora = ["--lora-rank", spec.rank, "--lora-alpha", spec.alpha, "--lora-targets", ",".join(spec.targets)] + (["--lora-lr", args.lora_lr] if args.lora_lr else [])
     _, _, _, baseline_rss = run_child(BASELINE, [], env)
-    print(f"depth {args.depth} ({full_params:,} parameters), {args.steps} steps of {args.device_batch_size} MultiHop conversations, in {work}")
+    parent = f"the {source} checkpoint of {args.from_base_dir}" if args.from_base_dir else "a random model"
+    print(f"{parent}: depth {config.n_layer} ({full_params:,} parameters), {args.steps} steps of {args.device_batch_size} MultiHop conversations, in {work}")
     results = []
     for name, tag, extra, trainable in (("full", "full", [], full_params), (f"LoRA r{spec.rank}", "lora", lora, lora_params)):
-        os.symlink(checkpoint_dir("mid", "bench", base), checkpoint_dir("mid", tag, base))
+        os.symlink(checkpoint_dir(source, "bench", base), checkpoint_dir(source, tag, base))
         out, err, code, rss = run_child(CHILD, [*common, "--model-tag", tag, *extra], env)
         if code != 0:
             raise SystemExit(f"{name} run failed ({code}):\n{out[-2000:]}\n{err[-2000:]}")
