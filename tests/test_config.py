@@ -57,7 +57,8 @@ def test_missing_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("name, module", [("cpu_base.yaml", "scripts.base_train"), ("cpu_sft.yaml", "scripts.chat_sft"),
-                                          ("reasoning_sft.yaml", "scripts.chat_sft"), ("speedrun_sft.yaml", "scripts.chat_sft")])
+                                          ("reasoning_sft.yaml", "scripts.chat_sft"), ("speedrun_sft.yaml", "scripts.chat_sft"),
+                                          ("cpu_sft_lora.yaml", "scripts.chat_sft")])
 def test_example_configs_parse_with_their_stage(name, module):
     import importlib
     import os
