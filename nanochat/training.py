@@ -228,7 +228,9 @@ def add_run_args(p, parent, token_batches=True, **defaults):
     g.add_argument("--seed", type=int, default=42, help="seed of the initialisation, data order and samples")
     g.add_argument("--run", type=str, default=None, help="wandb run name (no wandb logging when not given)")
     g.add_argument("--name", type=str, default=None, help="run name in the run registry (default: e001, e002, ...; see docs/lab.md)")
-    g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name" + (f" of the {parent} source and of the output (default: the latest {parent})" if parent else ""))
+    g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name" + (f" of the output, and of the {parent} source unless --source-tag (default: --source-tag, else the latest {parent})" if parent else ""))
+    if parent:
+        g.add_argument("--source-tag", type=str, default=None, help=f"model tag of the {parent} checkpoint to start from, when the output goes to another tag (--model-tag)")
     if parent:
         g.add_argument("--step", type=int, default=None, help=f"step of the {parent} checkpoint to start from (default: its last)")
     g = p.add_argument_group("horizon and batch")
@@ -430,7 +432,9 @@ class RunState:
         print0(json.dumps(vars(args)))
         self.tokenizer = get_tokenizer()
         self.tokenizer_fp = self.tokenizer.fingerprint()
-        self.model_tag = args.model_tag or model_tag or find_latest_model_tag(stage if args.resume else parent)
+        source_tag = getattr(args, "source_tag", None)
+        self.model_tag = args.model_tag or model_tag or source_tag or find_latest_model_tag(stage if args.resume else parent)
+        self.source_tag = source_tag or self.model_tag  # the parent's tag (a fresh run; a resumed one reads it from its meta)
         self.ckpt_dir = checkpoint_dir(stage, self.model_tag)
         steps = list_steps(self.ckpt_dir)
         self.resuming = args.resume or (args.resume_if_exists and bool(steps))
@@ -488,10 +492,11 @@ class RunState:
         if self.resuming:  # a LoRA run: its parent's weights and this run's adapter, unmerged
             model, _ = load_weights(self.stage, self.model_tag, self.start_step, self.device, merge=False)
         else:
-            model, _, meta = load_model(self.parent, self.device, model_tag=self.model_tag, step=self.args.step)
+            model, _, meta = load_model(self.parent, self.device, model_tag=self.source_tag, step=self.args.step)
             self._inherit = {k: v for k, v in (meta.get("resolved") or meta.get("hparams", {})).items() if k in INHERITED}
-            self.parent_info = {"stage": self.parent, "model_tag": self.model_tag, "step": meta["step"]}
-            print0(f"{self.stage}: starting from the {self.parent} model {self.model_tag} (step {meta['step']})")
+            self.parent_info = {"stage": self.parent, "model_tag": self.source_tag, "step": meta["step"]}
+            into = f", into {self.stage} {self.model_tag}" if self.source_tag != self.model_tag else ""
+            print0(f"{self.stage}: starting from the {self.parent} model {self.source_tag} (step {meta['step']}){into}")
             if self.lora is not None:
                 apply_lora(model, self.lora)
         if self.lora is not None:

@@ -65,7 +65,7 @@ def main(argv=None):
     model = run.load_model()
     model.compute_dtype = run.compute_dtype()
     # The reference for the KL penalty is the starting model, also after a resume.
-    ref_model = load_model(run.parent_info["stage"], device, model_tag=run.model_tag, step=run.parent_info["step"])[0].requires_grad_(False) if args.kl_coef > 0 else None
+    ref_model = load_model(run.parent_info["stage"], device, model_tag=run.parent_info["model_tag"], step=run.parent_info["step"])[0].requires_grad_(False) if args.kl_coef > 0 else None
     engine = Engine(model, tokenizer)  # no torch.compile: rollouts change shape every step, and decoding dominates a step
 
     # -------------------------------------------------------------------------------- data

@@ -340,3 +340,20 @@ def test_an_unwritable_checkpoint_directory_fails_before_training(base_dir, monk
     monkeypatch.setattr(nanochat.training, "atomic_write_bytes", read_only)
     with pytest.raises(NanochatError, match=r"cannot write checkpoints to .*checkpoints/base/d1: Read-only file system"):
         base_train.main([str(a) for a in BASE] + ["--device-type", "cpu"])
+
+
+@pytest.mark.slow
+@needs_data
+def test_source_tag_starts_from_one_tag_and_writes_another(lab):
+    """--source-tag: fine-tune the mid model of tag "t" into sft tag "ft", leaving sft "t" alone;
+    the parent is recorded with its own tag."""
+    base = str(lab["base"])
+    sft_t = sorted(os.listdir(checkpoint_dir("sft", "t", base)))
+    argv = stage_command("sft", lab, "ft", "--source-tag", "t", "--num-iterations", 2, "--eval-every", -1)
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=lab["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting from the mid model t (step 1), into sft ft" in proc.stdout
+    assert not os.path.exists(checkpoint_dir("mid", "ft", base))  # no symlink was needed
+    assert sorted(os.listdir(checkpoint_dir("sft", "t", base))) == sft_t
+    meta = load_meta(checkpoint_dir("sft", "ft", base), 2)
+    assert meta["model_tag"] == "ft" and meta["parent"] == {"stage": "mid", "model_tag": "t", "step": 1}
