@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
     p.add_argument("--lora-targets", type=str, default="q,k,v,o,fc", help="adapted Linears (see --lora-targets of chat_sft)")
     p.add_argument("--lora-lr", type=float, default=None, help="the adapters' learning rate (default: chat_sft's)")
+    p.add_argument("--init-lr-frac", type=float, default=None, help="full fine-tuning's LRs as a fraction of the parent's (default: chat_sft's, 0.02; the LoRA run ignores it)")
     p.add_argument("--device-type", type=str, default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and of the runs")
     p.add_argument("--from-base-dir", type=str, default=None, help="a trained parent: this NANOCHAT_BASE_DIR's tokenizer and checkpoint (instead of a random model)")
@@ -123,7 +124,7 @@ def bench(args, work):
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, PYTHONUNBUFFERED="1")
     common = ["--source", source, "--recipe", recipe, "--num-iterations", args.steps, "--device-batch-size", args.device_batch_size,
               "--total-batch-size", args.device_batch_size * config.sequence_len, "--val-conversations", args.val_conversations,
-              "--eval-every", -1, "--seed", args.seed]
+              "--eval-every", -1, "--seed", args.seed] + (["--init-lr-frac", args.init_lr_frac] if args.init_lr_frac is not None else [])
     if args.device_type:
         common += ["--device-type", args.device_type]
     lora = ["--lora-rank", spec.rank, "--lora-alpha", spec.alpha, "--lora-targets", ",".join(spec.targets)] + (["--lora-lr", args.lora_lr] if args.lora_lr else [])
