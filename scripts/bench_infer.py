@@ -23,6 +23,9 @@ batch size):
   KV cache up to the mean context of the timed steps; GB/s = bytes/step / time per step.
 - nanochat (with --reference DIR): its Engine.generate at the same shapes and settings, one prompt
   with B samples (scripts/bench_reference.py, run in a child process on DIR's code).
+- --dtype bfloat16: the weights are cast to bf16 (not only the activations), so a step reads half
+  the bytes; "greedy = fp32" is k/n, the greedy tokens of one prompt that equal fp32's before the
+  first difference (meaningful with --source: random weights give near-uniform logits).
 Each number is the median of --repeats runs after one warm-up run. Printed as a markdown table.
 """
 
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--device-types", type=str, nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's choice, one per core)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the model's: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the model's: fp32 on CPU, bf16 on CUDA); bfloat16 also stores the weights in bf16 and compares greedy tokens with fp32's")
     p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None, help="benchmark this stage's checkpoint instead of random weights")
     p.add_argument("--model-tag", type=str, default=None, help="with --source: the model tag (default: newest)")
     p.add_argument("--step", type=int, default=None, help="with --source: the step (default: last)")
@@ -93,9 +96,37 @@ def step_bytes(model, batch, context, dtype):
     """Bytes one decode step reads at least: every weight as stored (of the embedding, only the
     batch's rows) and the keys and values of `context` positions per row, in the cache's dtype."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.transformer.wte.weight.numel() * 4 + batch * c.n_embd * 4
+    wte = model.transformer.wte.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - (wte.numel() - batch * c.n_embd) * wte.element_size()
     kv = 2 * c.n_layer * batch * context * c.n_kv_head * (c.n_embd // c.n_head) * torch.tensor([], dtype=dtype).element_size()
     return weights + kv
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompt, n):
+    """n greedy tokens after prompt (int64 [1, T]) through the KV cache and the decode products."""
+    cache = KVCache.for_model(model, 1, prompt.size(1) + n)
+    nxt = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+    out = [nxt.item()]
+    with decoding():
+        for _ in range(n - 1):
+            nxt = model(nxt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt.item())
+    return out
+
+
+def to_bf16(model, args, device):
+    """Cast the model's weights to bf16 for a bf16 decode (half the bytes per step) and compare its
+    greedy tokens on one prompt with fp32's: "k/n", k = tokens before the first difference."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    n_text = model.config.vocab_size - (len(SPECIAL_TOKENS) if args.source else 0)
+    prompt = torch.randint(0, n_text, (1, args.prompt_len), device=device, generator=gen)
+    model.eval().compute_dtype = torch.float32
+    ref = greedy_tokens(model, prompt, args.decode_len)
+    model.to(torch.bfloat16).compute_dtype = torch.bfloat16
+    got = greedy_tokens(model, prompt, args.decode_len)
+    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    return f"{same}/{len(ref)}"
 
 
 def bench_one(device, model, tok, batch, args):
@@ -191,9 +222,10 @@ def main():
         else:
             models += [random_model(device, depth, args) for depth in args.depths]
         for model, tok in models:
+            greedy = to_bf16(model, args, device) if args.dtype == "bfloat16" else None
             for batch in args.batch_sizes:
                 t0 = time.perf_counter()
-                row = bench_one(device, model, tok, batch, args) | {"hardware": name}
+                row = bench_one(device, model, tok, batch, args) | {"hardware": name, "greedy": greedy}
                 if args.reference and dt == "cpu":
                     row["reference_tok_s"] = bench_reference(args.reference, row["depth"], row["n_embd"], model.config.n_head, batch, args)
                 rows.append(row)
@@ -201,15 +233,16 @@ def main():
     print0(f"\nprompt {args.prompt_len} tokens, {args.decode_len} decode steps, vocab {'of the checkpoint' if args.source else args.vocab_size}, "
            f"engine sampling temperature 1 top-k 50, median of {args.repeats}\n")
     ref = any("reference_tok_s" in r for r in rows)
+    greedy = any(r["greedy"] for r in rows)
     print0("| hardware | depth | n_embd | params | batch | dtype | prefill tok/s | decode tok/s (model) | decode tok/s (engine) | overhead | "
-           + ("nanochat engine tok/s | engine / nanochat | " if ref else "") + "MB/step | GB/s (model) | KV cache |")
-    print0("|---" * (13 + 2 * ref) + "|")
+           + ("nanochat engine tok/s | engine / nanochat | " if ref else "") + "MB/step | GB/s (model) | KV cache |" + (" greedy = fp32 |" if greedy else ""))
+    print0("|---" * (13 + 2 * ref + greedy) + "|")
     for r in rows:
         cells = [r["hardware"], r["depth"], r["n_embd"], f"{r['params_M']:.1f}M", r["batch"], r["dtype"], f"{r['prefill_tok_s']:,.0f}",
                  f"{r['decode_model_tok_s']:,.0f}", f"{r['decode_engine_tok_s']:,.0f}", f"{100 * r['overhead']:.1f}%"]
         if ref:
             cells += [f"{r['reference_tok_s']:,.0f}", f"{r['decode_engine_tok_s'] / r['reference_tok_s']:.2f}x"] if "reference_tok_s" in r else ["", ""]
-        cells += [f"{r['bytes_per_step'] / 1e6:.1f}", f"{r['model_GB_s']:.1f}", f"{r['kv_MiB']:.2f} MiB"]
+        cells += [f"{r['bytes_per_step'] / 1e6:.1f}", f"{r['model_GB_s']:.1f}", f"{r['kv_MiB']:.2f} MiB"] + ([r["greedy"]] if greedy else [])
         print0("| " + " | ".join(str(c) for c in cells) + " |")
 
 
