@@ -26,6 +26,7 @@ NAME=${NAME:-reasoning}              # run name in the registry (python -m scrip
 BASE_STEPS=${BASE_STEPS:-120}
 SFT_STEPS=${SFT_STEPS:-300}
 RSFT_STEPS=${RSFT_STEPS:-80}
+RSFT_LR_FRAC=${RSFT_LR_FRAC:-0.03}
 RL_STEPS=${RL_STEPS:-50}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-600}  # MultiHop test problems per evaluation (~250 easy, 120 medium, 230 hard)
 
@@ -52,7 +53,7 @@ run_stage chat_sft python -m scripts.chat_sft --source base --recipe tasks/recip
 run_stage chat_eval_sft python -m scripts.chat_eval --source sft $EVAL_ARGS
 # RSFT keeps a right answer only with its whole reasoning path (--rsft-min-coverage 1): right answers
 # without the trace, trained on, taught the model to drop it (coverage fell to 0.02, docs/LOG.md).
-run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-step 32 --num-iterations "$RSFT_STEPS" --init-lr-frac 0.03 \
+run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-step 32 --num-iterations "$RSFT_STEPS" --init-lr-frac "$RSFT_LR_FRAC" \
     --rsft-min-coverage 1 --name "$NAME-rsft" --resume-if-exists
 run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS
 run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --source rsft --questions-per-step 16 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
