@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL with GRPO on a verifiable task (GSM8K, MultiHop, ...)")
     g = add_rl_args(p, sources=["sft", "mid", "rsft"])
     g.add_argument("--format-reward", type=float, default=0.0, help="GSM8K only: reward added when the completion ends in a well-formed '#### <number>' (0: off)")
+    g.add_argument("--coverage-reward", type=float, default=0.0, help="tasks that score a reasoning path (MultiHop): reward added per unit of path coverage, a process reward (0: off; the logged train_pass@1 stays the answer's)")
     g.add_argument("--adv-norm", type=str, default="std", choices=["std", "mean"], help="advantage = (r - group mean) / group std (GRPO), or r - group mean only")
     g.add_argument("--ppo-epochs", type=int, default=1, help="optimizer updates per sampled batch (1: on-policy; > 1: PPO-style reuse with the clipped ratio)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (only acts when --ppo-epochs > 1)")
@@ -52,7 +53,12 @@ def parse_args(argv=None):
     check_rl_args(args, min_samples=2, checks=[("--ppo-epochs", args.ppo_epochs >= 1), ("--clip-eps", args.clip_eps >= 0), ("--kl-coef", args.kl_coef >= 0)])
     if args.format_reward and args.task != "GSM8K":
         raise NanochatError(f"--format-reward rewards GSM8K's '#### <number>' form; --task {args.task} has no such format")
-    return check_task_names(TASKS, args)
+    if args.coverage_reward < 0:
+        raise NanochatError(f"--coverage-reward must be >= 0, got {args.coverage_reward}")
+    args = check_task_names(TASKS, args)
+    if args.coverage_reward and not callable(getattr(TASKS[args.task], "score", None)):
+        raise NanochatError(f"--coverage-reward needs a task that scores a reasoning path (score()); --task {args.task} has none")
+    return args
 
 
 def main(argv=None):
@@ -86,6 +92,8 @@ def main(argv=None):
         rollouts = [r for g in groups for r in g]
         for r in rollouts if args.format_reward else ():  # GSM8K only (parse_args)
             r.reward += args.format_reward * (extract_answer(r.text) is not None)
+        for r in rollouts if args.coverage_reward else ():  # tasks whose score() gives a coverage
+            r.reward += args.coverage_reward * (r.coverage or 0.0)
 
         # ---- update
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0}

@@ -297,6 +297,10 @@ def test_bad_flags_name_the_flag(rl_env, monkeypatch):
         run_inprocess(rl_env, monkeypatch, "--temperature", 0)
     with pytest.raises(NanochatError, match="--format-reward .*--task MultiHop"):  # GSM8K's format only
         run_inprocess(rl_env, monkeypatch, "--task", "MultiHop", "--format-reward", 0.1)
+    with pytest.raises(NanochatError, match="--coverage-reward needs a task that scores a reasoning path.*--task GSM8K"):
+        run_inprocess(rl_env, monkeypatch, "--task", "GSM8K", "--coverage-reward", 0.5)
+    with pytest.raises(NanochatError, match="--coverage-reward must be >= 0"):
+        run_inprocess(rl_env, monkeypatch, "--task", "MultiHop", "--coverage-reward", -1)
     with pytest.raises(NanochatError, match="--task MMLU: not a verifiable task; expected one of GSM8K, HumanEval, MultiHop"):
         run_inprocess(rl_env, monkeypatch, "--task", "MMLU")
     with pytest.raises(NanochatError, match="--buckets hard: not a bucket of GSM8K train"):

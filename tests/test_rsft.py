@@ -196,3 +196,15 @@ def test_grpo_and_rsft_of_one_recipe_side_by_side(mh_env, monkeypatch, capsys):
     lab.main(["compare", "mh-grpo", "mh-rsft"])
     text = capsys.readouterr().out
     assert "| metric | mh-grpo | mh-rsft | winner |" in text and "| final eval_coverage |" in text
+
+
+def test_grpo_coverage_reward_adds_the_path_coverage(mh_env, monkeypatch):
+    """--coverage-reward 0.5: each sample's reward is its answer's (0/1) plus half its coverage, so
+    a step's mean reward is train_pass@1 + 0.5 x the mean coverage; train_pass@1 stays the answer's."""
+    monkeypatch.setattr(MultiHop, "score", parity_score)
+    stage(mh_env, monkeypatch, "chat_rl", "grpo-cov", "--coverage-reward", 0.5)
+    rows, _ = run_files(mh_env, "rl", "grpo-cov")
+    steps = [r for r in rows if "reward" in r]
+    assert len(steps) == 2 and any(r["coverage"] > 0 for r in steps)
+    for r in steps:
+        assert r["reward"] == pytest.approx(r["train_pass@1"] + 0.5 * r["coverage"], abs=1e-6)
