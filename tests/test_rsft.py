@@ -208,3 +208,22 @@ def test_grpo_coverage_reward_adds_the_path_coverage(mh_env, monkeypatch):
     assert len(steps) == 2 and any(r["coverage"] > 0 for r in steps)
     for r in steps:
         assert r["reward"] == pytest.approx(r["train_pass@1"] + 0.5 * r["coverage"], abs=1e-6)
+
+
+def first_byte_score(self, conversation, completion):
+    """A reward a tiny random model can learn in a few steps: the completion starts with a byte
+    below 128 (about half of the first tokens of a random model)."""
+    return {"correct": bool(completion) and ord(completion[0]) < 128, "coverage": 0.0, "bucket": conversation["bucket"], "hops": conversation["hops"]}
+
+
+def test_grpo_raises_a_learnable_reward(mh_env, monkeypatch):
+    """The machinery end to end (sampling, scoring, advantages, the policy-gradient loss and its
+    sign, the optimizer): a reward that depends on the first sampled token only rises within a
+    few steps. A wrong sign or a target shifted by one token fails it."""
+    monkeypatch.setattr(MultiHop, "score", first_byte_score)
+    stage(mh_env, monkeypatch, "chat_rl", "learnable", "--num-iterations", 12, "--questions-per-step", 8, "--num-samples", 8,
+          "--max-new-tokens", 2, "--device-batch-size", 64, "--init-lr-frac", 1.0, "--warmdown-ratio", 0.0, "--temperature", 1.0, "--top-k", 0)
+    rows, _ = run_files(mh_env, "rl", "learnable")
+    reward = [r["reward"] for r in rows if "reward" in r]
+    assert len(reward) == 12
+    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.2, reward
