@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.kernels import SMALL_ROWS, apply_rotary_emb, decoding_active, linear_cross_entropy, norm, relu_squared, small_linear
+from nanochat.kernels import apply_rotary_emb, decode_product, linear_cross_entropy, norm, relu_squared, small_linear, small_linear_cat
 
 try:  # FlashAttention-3 (Hopper only), used for training-time attention when installed
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -83,41 +83,54 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        w = self.weight.to(x.dtype)
-        rows = x.numel() // x.size(-1)
-        if rows <= SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled() and decoding_active():
-            return small_linear(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)
-        return F.linear(x, w)
+        if decode_product(x):  # a CPU decode step's few rows: the fastest formulation (kernels.py)
+            return small_linear(x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype))
 
 
-def attention(q, k, v, window, left_pad=None):
+def attention_mask(Tq, Tk, window, left_pad, device):
+    """
+    Which keys each query may see, for attention() where its mask-free paths do not apply: bool
+    [Tq, Tk] (or [B, 1, Tq, Tk] with left_pad), True = visible; None where a mask-free path applies.
+    The Tq queries are the last Tq of the Tk positions; window: keys visible per query (itself
+    included); left_pad: None or int64 [B], padding slots at the start of each row (hidden).
+    """
+    if left_pad is None and window >= Tk and (Tq == Tk or Tq == 1):
+        return None
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)
+    if left_pad is not None:
+        # [B, 1, Tq, Tk]; a padding query keeps its own key so its softmax row is not empty
+        # (an all-masked row gives NaN, which would then leak through 0 * NaN in later layers)
+        real = k_pos[None] >= left_pad[:, None, None]
+        allowed = ((allowed & real) | (k_pos == q_pos))[:, None]
+    return allowed
+
+
+def attention(q, k, v, window, left_pad=None, mask=None):
     """
     Causal (optionally sliding-window) attention where the Tq queries are the LAST Tq positions of
     the Tk keys (Tq == Tk in training, Tq < Tk when decoding against a KV cache).
     q: [B, Tq, H, D], k, v: [B, Tk, Hkv, D] (same dtype). window: keys visible per query
     (including itself); >= Tk means full causal. left_pad: None or int64 [B], the number of padding
     slots at the start of each row (a KV cache holding prompts of different lengths): those keys are
-    hidden. Returns [B, Tq, H, D].
+    hidden. mask: attention_mask(Tq, Tk, window, left_pad) when the caller made it already (the
+    model makes it once per forward, not once per layer). Returns [B, Tq, H, D].
     """
     Tq, Tk = q.size(1), k.size(1)
     if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and Tq == Tk and left_pad is None:
         return _fa3_func(q, k, v, causal=True, window_size=(window - 1 if window < Tk else -1, 0))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants [B, H, T, D]
     gqa = k.size(1) != q.size(1)
-    if Tq == Tk and window >= Tk and left_pad is None:
+    if mask is None:
+        mask = attention_mask(Tq, Tk, window, left_pad, q.device)
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    elif Tq == Tk:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif Tq == 1 and window >= Tk and left_pad is None:
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees all keys
     else:
-        q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-        k_pos = torch.arange(Tk, device=q.device)[None, :]
-        allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)
-        if left_pad is not None:
-            # [B, 1, Tq, Tk]; a padding query keeps its own key so its softmax row is not empty
-            # (an all-masked row gives NaN, which would then leak through 0 * NaN in later layers)
-            real = k_pos[None] >= left_pad[:, None, None]
-            allowed = ((allowed & real) | (k_pos == q_pos))[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees all keys
     return y.transpose(1, 2)
 
 
@@ -133,16 +146,22 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, cos_sin, kv_cache, mask=None):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if decode_product(x) and type(self.c_q) is type(self.c_k) is type(self.c_v) is Linear:
+            # a CPU decode step: q, k and v as one product (the LoRA-wrapped layers go one by one)
+            qkv = small_linear_cat(x.reshape(B * T, -1), (self.c_q.weight, self.c_k.weight, self.c_v.weight))
+            q, k, v = qkv.view(B, T, -1).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far: [B, Tk, Hkv, D]
-        y = attention(q, k, v, self.window, kv_cache.left_pad if kv_cache is not None else None)
+        y = attention(q, k, v, self.window, kv_cache.left_pad if kv_cache is not None else None, mask)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -163,8 +182,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = 0.0  # residual dropout (GPT.set_dropout), in train mode only
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + F.dropout(self.attn(norm(x), cos_sin, kv_cache), self.dropout, self.training)
+    def forward(self, x, cos_sin, kv_cache, mask=None):
+        x = x + F.dropout(self.attn(norm(x), cos_sin, kv_cache, mask), self.dropout, self.training)
         return x + F.dropout(self.mlp(norm(x)), self.dropout, self.training)
 
 
@@ -278,9 +297,12 @@ class GPT(nn.Module):
         else:  # per-row positions [B, T] (padding slots get position 0; they are masked anyway)
             pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - left_pad[:, None]).clamp(min=0)
             cos_sin = (self.cos[0, pos].to(compute_dtype), self.sin[0, pos].to(compute_dtype))  # [B, T, 1, D/2]
+        masks = {}  # window -> attention_mask, made once per forward when there is one (a padded cache)
+        if left_pad is not None:
+            masks = {w: attention_mask(T, t0 + T, w, left_pad, idx.device) for w in set(self.windows)}
         x = norm(self.transformer.wte(idx).to(compute_dtype))
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+        for block, window in zip(self.transformer.h, self.windows):
+            x = block(x, cos_sin, kv_cache, masks.get(window))
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -13,7 +13,7 @@ Each is tested against eager autograd of the plain expression, values and gradie
 - apply_rotary_emb(x, cos, sin): RoPE in the half-split layout [Su et al. 2021].
   x: [B, T, H, D]; cos, sin: [1 or B, T, 1, D/2] in x's dtype -> [B, T, H, D].
 - decoding() / small_linear(x, weight): x @ weight^T for the few rows of a decode step, through
-  whichever of three BLAS formulations is fastest for the shape (timed once per shape).
+  whichever of four BLAS / oneDNN formulations is fastest for the shape (timed once per shape).
 - linear_cross_entropy(x, weight, targets, softcap, reduction): lm_head + logit soft-cap
   [Gemma 2, 2024] + cross-entropy, chunked so the [N, vocab] logits never exist, with the gradient
   formed in the forward pass [Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989].
@@ -133,11 +133,18 @@ def apply_rotary_emb(x, cos, sin):
 # torch's x @ W^T reaches for such a skinny product depends on the shape, and the spread is wide:
 # on a 2-vCPU AMD EPYC (Zen 4), MKL takes 8.1 ms for [8, 384] @ [384, 32768] (the lm_head) as
 # F.linear, 3.0 ms as (W @ x^T)^T, and at 1 row 5.0 ms as F.linear against 2.0 ms as x @ W^T with
-# W^T stored contiguous (docs/LOG.md). So the first product of each (weight shape, rows bucket,
-# dtype) times the three and keeps the fastest, as cuBLAS / Inductor autotuning do on GPU.
+# W^T stored contiguous; oneDNN's inner product on a weight reordered once into its blocked layout
+# (what Inductor's CPU freezing pass does) is the fastest at most shapes: the 37 products of a
+# depth-6 step read 20 / 14 / 9 GB/s at 1 / 8 / 32 rows against 14 / 13 / 6 for the best of the
+# other three (docs/LOG.md). So the first product of each (weight shape, rows bucket, dtype) times
+# the formulations and keeps the fastest, as cuBLAS / Inductor autotuning do on GPU.
 SMALL_ROWS = 64  # products of at most this many rows are tuned; more rows: F.linear
-_FASTEST = {}  # (out, in, rows bucket, dtype) -> 0: F.linear, 1: (W @ x^T)^T, 2: x @ W^T (stored)
-_session = threading.local()  # .store: the active decoding() block's transposed weights, or None
+# formulations: 0 F.linear, 1 (W @ x^T)^T, 2 x @ W^T (W^T stored), 3 oneDNN on a reordered copy of W
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_FORMULATIONS = (0, 1, 2, 3) if _ONEDNN else (0, 1, 2)
+_STORED = (2, 3)  # formulations that keep a copy of the weight in the decoding() store
+_FASTEST = {}  # (out, in, rows bucket, dtype) -> formulation
+_session = threading.local()  # .store: the active decoding() block's weight copies, or None
 
 
 @contextmanager
@@ -145,7 +152,7 @@ def decoding(store=None):
     """
     Within the block, GPT Linear layers with few rows (decode steps, on CPU, without autograd) go
     through small_linear. store: a dict kept by the caller across blocks (DecodeBatch keeps one
-    per batch) that holds the transposed weights formulation 2 needs; None: a fresh one for this
+    per batch) that holds the weight copies formulations 2 and 3 multiply by; None: a fresh one for this
     block. The weights must not change while a store is in use: optimizers update weights in
     place, some without bumping their version (torch._fused_adamw_), so a stale copy could not be
     detected. Re-entrant; thread-local.
@@ -162,40 +169,72 @@ def decoding_active():
     return getattr(_session, "store", None) is not None
 
 
+def decode_product(x):
+    """True when x [..., in] @ W^T should go through small_linear: inside decoding(), on CPU,
+    without autograd, and at most SMALL_ROWS rows."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and decoding_active() and x.numel() <= SMALL_ROWS * x.size(-1)
+
+
+def _stored(choice, weight, dtype):
+    """The copy of weight (cast to dtype) that formulation 2 or 3 multiplies by, made on first use
+    in this store. Keyed by the weight itself, never by a temporary cast of it (whose address a
+    later temporary could reuse)."""
+    store = _session.store
+    key = (choice, weight.data_ptr(), dtype, tuple(weight.shape))
+    if key not in store:
+        w = weight.to(dtype)
+        store[key] = w.t().contiguous() if choice == 2 else torch.ops.mkldnn._reorder_linear_weight(w)
+    return store[key]
+
+
 def _product(choice, x, weight):
     if choice == 0:
-        return F.linear(x, weight)
+        return F.linear(x, weight.to(x.dtype))
     if choice == 1:
-        return torch.mm(weight, x.t()).t().contiguous()
-    store = _session.store
-    key = (weight.data_ptr(), weight.dtype, tuple(weight.shape))
-    if key not in store:
-        store[key] = weight.t().contiguous()
-    return torch.mm(x, store[key])
+        return torch.mm(weight.to(x.dtype), x.t()).t().contiguous()
+    if choice == 2:
+        return torch.mm(x, _stored(2, weight, x.dtype))
+    return torch.ops.mkldnn._linear_pointwise(x, _stored(3, weight, x.dtype), None, "none", [], "")
 
 
 def small_linear(x, weight):
     """
     x @ weight^T for x [M, in] with M <= SMALL_ROWS, inside decoding(): the fastest formulation
-    for this shape, timed on first use (the best of 4 interleaved runs of each, 15 products per
-    new (shape, power-of-two row bucket)). weight: [out, in], x's dtype. Returns [M, out]
-    contiguous. The three differ only in summation order (fp32 round-off).
+    for this shape, timed on first use (the best of 4 interleaved runs of each, 15-20 products per
+    new (shape, power-of-two row bucket)). x: fp32 or bf16; weight: [out, in], any float dtype,
+    cast to x's (stored copies are cast once). Returns [M, out] contiguous in x's dtype. The
+    formulations differ only in summation order (round-off).
     """
     key = (weight.size(0), weight.size(1), 1 << (x.size(0) - 1).bit_length(), x.dtype)
     choice = _FASTEST.get(key)
     if choice is None:
-        times = [float("inf")] * 3
-        for c in range(3):
-            _product(c, x, weight)  # warm-up (and the transposed copy)
+        times = {c: float("inf") for c in _FORMULATIONS}
+        for c in _FORMULATIONS:
+            _product(c, x, weight)  # warm-up (and the stored copy)
         for _ in range(4):  # interleaved rounds, the best of each: robust to a busy moment
-            for c in range(3):
+            for c in _FORMULATIONS:
                 t0 = time.perf_counter()
                 _product(c, x, weight)
                 times[c] = min(times[c], time.perf_counter() - t0)
-        choice = _FASTEST[key] = min(range(3), key=times.__getitem__)
-        if choice != 2:
-            _session.store.pop((weight.data_ptr(), weight.dtype, tuple(weight.shape)), None)
+        choice = _FASTEST[key] = min(times, key=times.__getitem__)
+        for c in _STORED:  # keep only the copy the winner uses
+            if c != choice:
+                _session.store.pop((c, weight.data_ptr(), x.dtype, tuple(weight.shape)), None)
     return _product(choice, x, weight)
+
+
+def small_linear_cat(x, weights):
+    """
+    x @ cat(weights)^T through small_linear: several products of the same input (attention's q, k
+    and v) as one wider one, which streams the weights better than three skinny ones (depth 6,
+    8 rows: 0.9 ms against 1.6 ms per step's q/k/v, docs/LOG.md). weights: [out_i, in] each; the
+    concatenation (in x's dtype) is kept in the decoding() store. Returns [M, sum out_i].
+    """
+    store = _session.store
+    key = ("cat", x.dtype) + tuple((w.data_ptr(), tuple(w.shape)) for w in weights)
+    if key not in store:
+        store[key] = torch.cat([w.to(x.dtype) for w in weights])
+    return small_linear(x, store[key])
 
 
 # ------------------------------------------------------------------------------------------------
