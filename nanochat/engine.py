@@ -18,6 +18,7 @@ Layers, bottom up: KVCache (tensors) -> sample_tokens -> DecodeBatch (rows, tool
 """
 
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +252,7 @@ class _Row:
         self.forced = []  # tokens to feed next instead of sampling
         self.in_python = False
         self.python_tokens = []
+        self.tool = None  # with park_tools: the Future of the python tool call whose output comes next
         self.done = False
 
 
@@ -273,8 +275,11 @@ class DecodeBatch:
     Not thread-safe: one thread owns a batch (the server gives each model replica its own).
     """
 
-    def __init__(self, model, tokenizer, run_tool=None):
+    def __init__(self, model, tokenizer, run_tool=None, park_tools=False):
         self.model, self.tokenizer = model, tokenizer
+        self.park_tools = park_tools
+        self.parked = []  # (row, its 1-row KVCache, its random numbers [1, W]): tool calls in flight
+        self._tools = None  # the thread pool running parked rows' tool calls
         self.device = model.lm_head.weight.device
         S = tokenizer.special_tokens
         self._default_stops = {S["<|assistant_end|>"], tokenizer.bos_token_id}
@@ -285,7 +290,8 @@ class DecodeBatch:
         self._weights = {}  # kernels.decoding()'s transposed weights: the model must not change while the batch lives
 
     def __len__(self):
-        return len(self.rows)
+        """Rows still going: in the batch, or parked on a tool call."""
+        return len(self.rows) + len(self.parked)
 
     def _need(self, rows):
         # slots a row still needs: it feeds at most max_tokens - steps - 1 more tokens
@@ -318,28 +324,34 @@ class DecodeBatch:
         logits = self.model(idx, kv_cache=prefill)[:, -1, :]
         src_rows = [i for i, r in enumerate(requests) for _ in range(r.num_samples)]
         groups = [_Group(key, r, self._default_stops | set(r.stop_tokens or ()), self.device) for key, r in zip(keys, requests)]
+        self._check_parked(block=False)  # rows parked since the last step may rejoin with these
         new_rows = [_Row(g, s) for g in groups for s in range(g.request.num_samples)]
         new_logits = logits[torch.tensor(src_rows, device=self.device)]
-        new_uniform = [g.uniform for g in groups]
+        self._n_logits = logits.size(-1)
+        self._merge(prefill, src_rows, new_rows, new_logits, _cat_columns([g.uniform for g in groups]))
+
+    def _merge(self, src, src_rows, new_rows, new_logits, new_uniform):
+        """Append new_rows, whose keys and values are src's rows src_rows (src.pos <= the batch's
+        slots, or the batch empty), with their next-token logits [n, V] and random numbers [n, W]."""
         c = self.cache
         if not self.rows:  # an empty batch: exactly the room these rows need
-            self.cache = KVCache.concat([(prefill, src_rows, 0)], L + self._need(new_rows))
-        elif len(self.rows) + len(new_rows) <= c.capacity and L <= c.pos and c.pos + self._need(new_rows) <= c.max_len:
-            c.append_rows(prefill, src_rows)  # room: only the new rows are copied
+            self.cache = KVCache.concat([(src, src_rows, min(src.pad[r] for r in src_rows))], src.pos - min(src.pad[r] for r in src_rows) + self._need(new_rows))
+        elif len(self.rows) + len(new_rows) <= c.capacity and src.pos <= c.pos and c.pos + self._need(new_rows) <= c.max_len:
+            c.append_rows(src, src_rows)  # room: only the new rows are copied
         else:  # rebuild, dropping slots that are padding in every row, with room for more arrivals
             start = min(c.pad)
             B = len(self.rows) + len(new_rows)
-            pos = max(c.pos - start, L)
-            self.cache = KVCache.concat([(c, list(range(len(self.rows))), start), (prefill, src_rows, 0)],
+            pos = max(c.pos - start, src.pos)
+            self.cache = KVCache.concat([(c, list(range(len(self.rows))), start), (src, src_rows, 0)],
                                         pos + 2 * self._need(self.rows + new_rows), capacity=2 * B)
         self.rows += new_rows
         self.logits = torch.cat([self.logits, new_logits]) if self.logits is not None else new_logits
-        self.uniform = _cat_columns(([self.uniform] if self.uniform is not None else []) + new_uniform)
+        self.uniform = _cat_columns(([self.uniform] if self.uniform is not None else []) + [new_uniform])
         self._sampling = None
 
     def cancel(self, key, sample=None):
         """Drop the rows of request `key` (one sample, or all); they leave at the next step."""
-        for r in self.rows:
+        for r in self.rows + [row for row, _, _ in self.parked]:
             if r.group.key == key and (sample is None or r.sample == sample):
                 r.done = True
 
@@ -369,6 +381,7 @@ class DecodeBatch:
         """One decode step for every row. Returns a list of TokenEvent, one per row still going at
         the start of the step (cancelled rows report nothing)."""
         self._drop_done()
+        self._check_parked(block=not self.rows)
         if not self.rows:
             return []
         sampled = self._sample().tolist()
@@ -388,8 +401,13 @@ class DecodeBatch:
                 row.in_python, row.python_tokens = True, []
             elif req.tools and t == python_end and row.in_python:
                 row.in_python = False
-                result = self._run_tool(self.tokenizer.decode(row.python_tokens))
-                row.forced.extend([output_start] + self.tokenizer.encode(result) + [output_end])
+                code = self.tokenizer.decode(row.python_tokens)
+                if self.park_tools:
+                    if self._tools is None:
+                        self._tools = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-tool")
+                    row.tool = self._tools.submit(self._run_tool, code)
+                else:
+                    row.forced.extend(self._tool_output(self._run_tool(code)))
             elif row.in_python:
                 row.python_tokens.append(t)
             if finish is None and row.steps >= req.max_tokens:
@@ -420,6 +438,47 @@ class DecodeBatch:
         index = torch.tensor(order, device=self.device)
         self.logits, self.uniform, self._sampling = self.logits[index], self.uniform[index], None
         return order
+
+    def _tool_output(self, result):
+        """The tokens forced after a tool call: <|output_start|> result <|output_end|>."""
+        _, _, output_start, output_end = self._python
+        return [output_start] + self.tokenizer.encode(result) + [output_end]
+
+    def _check_parked(self, block):
+        """Rows whose tool call is running are parked (cache rows copied aside, out of the batch);
+        parked rows whose call has returned rejoin with its output queued. block: wait for one
+        call to return when nothing else can run."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        if not self.park_tools:
+            return
+        waiting = [i for i, r in enumerate(self.rows) if r.tool is not None and not r.tool.done()]
+        if waiting:
+            leaving = [self.rows[i] for i in waiting]
+            for i, row in zip(waiting, leaving):
+                self.parked.append((row, KVCache.concat([(self.cache, [i], self.cache.pad[i])], self.cache.pos - self.cache.pad[i] + 1), self.uniform[i : i + 1]))
+                row.done = True  # leaves the batch now; not finished (rejoins below)
+            self._drop_done()
+            for row in leaving:
+                row.done = False
+        for row in self.rows:  # returned before the row had to wait
+            if row.tool is not None:
+                row.forced.extend(self._tool_output(row.tool.result()))
+                row.tool = None
+        self.parked = [p for p in self.parked if not p[0].done]  # cancelled while parked
+        if block and self.parked:
+            wait([row.tool for row, _, _ in self.parked], return_when=FIRST_COMPLETED)
+        back = [p for p in self.parked if p[0].tool.done()]
+        if back:
+            self.parked = [p for p in self.parked if not p[0].tool.done()]
+            for row, cache, uniform in back:  # one at a time: each brings its own cache
+                row.forced.extend(self._tool_output(row.tool.result()))
+                row.tool = None
+                # its next token is forced, so its logits are never read
+                self._merge(cache, [0], [row], torch.zeros(1, self._n_logits, device=self.device), uniform)
+        if not self.rows and not self.parked and self._tools is not None:
+            self._tools.shutdown(wait=False)
+            self._tools = None
 
 
 def _cat_columns(parts):
@@ -464,7 +523,7 @@ class Engine:
         allowed) decoded as one batch. Yields, per decode step, the list of TokenEvent of the rows
         still going (TokenEvent.key is the request's index). Ends when every row is done.
         """
-        batch = DecodeBatch(self.model, self.tokenizer, self._run_tool)
+        batch = DecodeBatch(self.model, self.tokenizer, self._run_tool, park_tools=True)
         batch.add(requests)
         while len(batch):
             yield batch.step()

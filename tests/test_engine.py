@@ -320,3 +320,71 @@ def test_stored_copies_are_keyed_by_the_weight_not_a_temporary_cast(choice, monk
             for lin in layers:
                 want = torch.nn.functional.linear(x.float(), lin.weight.bfloat16().float())
                 torch.testing.assert_close(lin(x).float(), want, atol=2e-2, rtol=2e-2)
+
+
+class _Steered(torch.nn.Module):
+    """A real GPT whose next token is forced where the current input token is a key of `steer`
+    (a large bias on steer[token]); elsewhere it samples as the GPT does. Drives rows into and out
+    of tool calls while their KV cache is the real model's."""
+
+    def __init__(self, model, steer):
+        super().__init__()
+        self.model, self.steer = model, steer
+        self.config, self.lm_head, self.rotary_seq_len = model.config, model.lm_head, model.rotary_seq_len
+
+    def get_compute_dtype(self, device):
+        return self.model.get_compute_dtype(device)
+
+    def forward(self, idx, kv_cache=None):
+        logits = self.model(idx, kv_cache=kv_cache)
+        for b, t in enumerate(idx[:, -1].tolist()):
+            if t in self.steer:
+                logits[b, -1, self.steer[t]] += 1000.0
+        return logits
+
+
+def test_rows_parked_on_a_tool_call_get_the_same_tokens_and_others_keep_going(byte_tok):
+    """generate_many parks a row while its python tool call runs (here a slow one): the other rows
+    decode meanwhile, and every row's tokens equal those of inline tool calls (the row's cache
+    rejoins the batch intact: its sampled continuation after the tool output depends on it)."""
+    import threading
+    import time
+
+    S = byte_tok.special_tokens
+    trigger, digit = byte_tok.encode("#")[0], byte_tok.encode("7")[0]
+    steer = {trigger: S["<|python_start|>"], S["<|python_start|>"]: digit, digit: S["<|python_end|>"]}
+    gpt = make_model(vocab_size=byte_tok.vocab_size)
+    with torch.no_grad():
+        gpt.lm_head.weight.mul_(20.0)  # peaked next-token distributions: what a row samples depends on its cache
+    model = _Steered(gpt, steer)
+    calls = []
+
+    def slow_tool(code):
+        calls.append((code, threading.current_thread().name))
+        time.sleep(0.3)
+        return str(int(code) * 6)
+
+    reqs = [GenerationRequest(byte_tok.encode(t, prepend="<|bos|>"), num_samples=n, max_tokens=m, temperature=1.0, seed=i, tools=True)
+            for i, (t, n, m) in enumerate([("call #", 2, 14), ("plain text", 2, 24), ("x", 1, 9)])]
+
+    def run(park):
+        batch = DecodeBatch(model, byte_tok, slow_tool, park_tools=park)
+        batch.add(reqs)
+        tokens, steps = {}, []
+        while len(batch):
+            events = batch.step()
+            steps.append({(e.key, e.sample) for e in events})
+            for e in events:
+                tokens.setdefault((e.key, e.sample), []).append((e.token, e.mask))
+        return tokens, steps
+
+    inline, _ = run(False)
+    parked, steps = run(True)
+    assert parked == inline
+    for s in range(2):  # the tool rows called the tool and got its output, then sampled on
+        toks = [t for t, _ in parked[(0, s)]]
+        out = toks.index(S["<|output_start|>"])
+        assert byte_tok.decode(toks[out + 1 : toks.index(S["<|output_end|>"])]) == "42" and len(toks) == 14
+    assert len(calls) == 4 and all(name.startswith("engine-tool") for _, name in calls[2:])
+    # while a tool row was parked, the others went on: steps with events of other rows only
+    assert any((0, 0) not in keys and (1, 0) in keys for keys in steps[3:])
