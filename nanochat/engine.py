@@ -11,7 +11,8 @@ and rows leave as soon as they finish: iteration-level scheduling, "continuous b
 
 The assistant can call the python tool: when a row emits <|python_start|> code <|python_end|>, the
 engine runs the code in the sandbox (nanochat/execution.py) and forces <|output_start|> result
-<|output_end|> into that row's stream.
+<|output_end|> into that row's stream. A sandboxed call takes ~30 ms (a fresh interpreter); in
+generate_many (evals, RL rollouts) the row is parked meanwhile and the rest of the batch decodes on.
 
 Layers, bottom up: KVCache (tensors) -> sample_tokens -> DecodeBatch (rows, tool use, stops)
 -> Engine (generate / generate_batch for one prompt, generate_many for several).
@@ -292,6 +293,10 @@ class DecodeBatch:
     def __len__(self):
         """Rows still going: in the batch, or parked on a tool call."""
         return len(self.rows) + len(self.parked)
+
+    def live_keys(self):
+        """The keys of the requests with a row still going (in the batch or parked)."""
+        return {r.group.key for r in self.rows} | {r.group.key for r, _, _ in self.parked}
 
     def _need(self, rows):
         # slots a row still needs: it feeds at most max_tokens - steps - 1 more tokens

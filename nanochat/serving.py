@@ -190,7 +190,7 @@ class Replica:
     def run(self, pool):
         if self.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(self.device))
-        batch = DecodeBatch(self.model, self.tokenizer)
+        batch = DecodeBatch(self.model, self.tokenizer, park_tools=True)
         active = set()
         while True:
             new = pool.take(self.max_batch_size - len(batch), block=not len(batch))
@@ -214,7 +214,7 @@ class Replica:
                 log.exception("generation failed on %s", self.device)
                 for job in active | set(new):
                     job.push(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
-                batch, active = DecodeBatch(self.model, self.tokenizer), set()
+                batch, active = DecodeBatch(self.model, self.tokenizer, park_tools=True), set()
                 self.rows = 0
                 continue
             per_job = collections.defaultdict(list)
@@ -222,8 +222,7 @@ class Replica:
                 per_job[e.key].append((e.sample, e.token, e.finish))
             for job, evs in per_job.items():
                 job.push(evs)
-            live = {row.group.key for row in batch.rows}
-            active &= live
+            active &= batch.live_keys()
             self.rows = len(batch)
 
 

@@ -374,6 +374,8 @@ def test_rows_parked_on_a_tool_call_get_the_same_tokens_and_others_keep_going(by
         while len(batch):
             events = batch.step()
             steps.append({(e.key, e.sample) for e in events})
+            if batch.parked:  # the server keeps a request whose rows are all parked (live_keys)
+                assert 0 in batch.live_keys() and (0 not in {r.group.key for r in batch.rows} or len(batch.parked) < 2)
             for e in events:
                 tokens.setdefault((e.key, e.sample), []).append((e.token, e.mask))
         return tokens, steps
