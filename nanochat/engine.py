@@ -398,7 +398,7 @@ class DecodeBatch:
         """One decode step for every row. Returns a list of TokenEvent, one per row still going at
         the start of the step (cancelled rows report nothing)."""
         self._drop_done()
-        self._check_parked(block=not self.rows)
+        self._check_parked(block=True)
         if not self.rows:
             return []
         sampled = self._sample().tolist()
@@ -463,8 +463,8 @@ class DecodeBatch:
 
     def _check_parked(self, block):
         """Rows whose tool call is running are parked (cache rows copied aside, out of the batch);
-        parked rows whose call has returned rejoin with its output queued. block: wait for one
-        call to return when nothing else can run."""
+        parked rows whose call has returned rejoin with its output queued. block: when no row is
+        left to decode, wait for a call to return (step), rather than return at once (add)."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         if not self.park_tools:
@@ -483,7 +483,7 @@ class DecodeBatch:
                 row.forced.extend(self._tool_output(row.tool.result()))
                 row.tool = None
         self.parked = [p for p in self.parked if not p[0].done]  # cancelled while parked
-        if block and self.parked:
+        if block and self.parked and not self.rows:
             wait([row.tool for row, _, _ in self.parked], return_when=FIRST_COMPLETED)
         back = [p for p in self.parked if p[0].tool.done()]
         if back:
