@@ -63,7 +63,8 @@ import itertools
 import os
 import queue
 import threading
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -80,6 +81,16 @@ DEFAULT_STREAMS = 8  # data streams of a split (see the module docstring): one p
 MAX_AGE_FACTOR = 2
 PREFETCH_ROW_GROUPS = 2  # row groups read and tokenised ahead of the one being packed
 PREFETCH_BATCHES = 4  # packed batches ready ahead of the training loop
+# Tokenised row groups are shared within the process: a stream whose row groups are fewer than its
+# buffer holds reads them again in its next epochs, and every new loader of a split (an evaluation,
+# the unigram baseline) reads the row groups an earlier one read. An entry lives while a buffered
+# document still refers to its tokens (weakly held) and, besides, the most recent entries up to
+# RECENT_TOKENS tokens in all (128 MiB of int32) are held strongly. The same tokens either way: a
+# document is tokenised on its own, and the key holds the shard file's size and mtime.
+RECENT_TOKENS = 1 << 25
+_TOKENIZED = {}  # (id(tokenizer), bos, path, size, mtime_ns, index) -> (weakref(tokenizer), rows, lengths, weakref(flat))
+_RECENT = OrderedDict()  # key -> flat: the strongly held entries, the least recently used first
+_TOKENIZED_LOCK = threading.Lock()
 
 # Producer threads -> their stop events, from their start until a join has seen them end. They are
 # daemon threads, so that a dropped or unfinished loader never keeps the process alive; but CPython
@@ -378,17 +389,33 @@ class _DocStream:
             self._next_k = (epoch + 1, 0) if k + 1 == len(self.my_row_groups) else (epoch, k + 1)
 
     def read(self, g, rows=None):
-        """Tokenise row group g (only the given rows, if any): (rows, docs), empty documents skipped."""
+        """Tokenise row group g (only the given rows, if any): (rows, docs), empty documents skipped.
+        Served from the process's tokenised row groups when it holds g (see RECENT_TOKENS)."""
         path, index = self.row_groups[g]
-        if self._shard[0] != path:
-            self._shard = (path, open_shard(path))
-        texts = read_row_group(self._shard[1], path, index)
-        keep = [r for r in (range(len(texts)) if rows is None else rows) if r < len(texts) and texts[r]]
-        ids = self.tokenizer.encode([texts[r] for r in keep], prepend=self.bos, num_threads=self.threads)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        ends = np.cumsum(lengths).tolist()
-        return keep, [flat[e - n : e] for e, n in zip(ends, lengths.tolist())]
+        try:
+            st = os.stat(path)
+            key = (id(self.tokenizer), self.bos, path, st.st_size, st.st_mtime_ns, index)
+        except OSError:
+            key = None  # open_shard below reports it
+        entry = _tokenized_get(key, self.tokenizer)
+        if entry is None:
+            if self._shard[0] != path:
+                self._shard = (path, open_shard(path))
+            texts = read_row_group(self._shard[1], path, index)
+            keep = [r for r in range(len(texts)) if texts[r]]
+            ids = self.tokenizer.encode([texts[r] for r in keep], prepend=self.bos, num_threads=self.threads)
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+            entry = (keep, lengths.tolist(), flat)
+            _tokenized_put(key, self.tokenizer, entry)
+        keep, lengths, flat = entry
+        ends = itertools.accumulate(lengths)
+        docs = [flat[e - n : e] for e, n in zip(ends, lengths)]
+        if rows is None:
+            return keep, docs
+        doc_of = dict(zip(keep, docs))
+        wanted = [r for r in rows if r in doc_of]
+        return wanted, [doc_of[r] for r in wanted]
 
     def next_doc(self):
         """The next (global row group, row, tokens), or None at the end of a finite pass."""
@@ -413,6 +440,47 @@ class _DocStream:
                 raise NanochatError(f"the row groups of a data stream of rank {self.rank} in {os.path.dirname(self.row_groups[self.my_row_groups[0]][0])} hold no non-empty document")
             self.row = 0  # this row group is used up: on to the next one
             self.epoch, self.k = (self.epoch + 1, 0) if self.k + 1 == len(self.my_row_groups) else (self.epoch, self.k + 1)
+
+
+def _tokenized_get(key, tokenizer):
+    """(rows, lengths, flat) of a tokenised row group the process still holds, or None."""
+    if key is None:
+        return None
+    with _TOKENIZED_LOCK:
+        entry = _TOKENIZED.get(key)
+        if entry is None:
+            return None
+        tok_ref, keep, lengths, flat_ref = entry
+        flat = flat_ref()
+        if flat is None or tok_ref() is not tokenizer:  # freed, or another tokenizer at a reused id
+            del _TOKENIZED[key]
+            _RECENT.pop(key, None)
+            return None
+        if key in _RECENT:
+            _RECENT.move_to_end(key)
+        return keep, lengths, flat
+
+
+def _tokenized_put(key, tokenizer, entry):
+    """Remember a tokenised row group (see RECENT_TOKENS); a tokenizer without weak references is not cached."""
+    keep, lengths, flat = entry
+    if key is None:
+        return
+    try:
+        tok_ref = weakref.ref(tokenizer)
+    except TypeError:
+        return
+    with _TOKENIZED_LOCK:
+        for k in [k for k, e in _TOKENIZED.items() if e[3]() is None or e[0]() is None]:  # freed entries
+            del _TOKENIZED[k]
+            _RECENT.pop(k, None)
+        _TOKENIZED[key] = (tok_ref, keep, lengths, weakref.ref(flat))
+        _RECENT[key] = flat
+        _RECENT.move_to_end(key)
+        total = sum(len(f) for f in _RECENT.values())
+        while total > RECENT_TOKENS and len(_RECENT) > 1:
+            _, old = _RECENT.popitem(last=False)
+            total -= len(old)
 
 
 class _Packer:

@@ -426,3 +426,32 @@ def test_cuda_batches_equal_cpu_batches(corpus):
         assert torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
     cpu.close()
     gpu.close()
+
+
+def test_tokenised_row_groups_are_shared_within_the_process(corpus):
+    """A row group is tokenised once, however many epochs a stream's buffer spans and however many
+    loaders of the same tokenizer read it, with the same batches as a tokenizer that reads it anew;
+    a rewritten shard is tokenised again."""
+
+    class Counting(ByteTokenizer):
+        def __init__(self):
+            super().__init__()
+            self.docs = 0
+
+        def encode(self, texts, prepend=None, num_threads=8):
+            self.docs += len(texts)
+            return super().encode(texts, prepend, num_threads)
+
+    def batches(tok):  # val: 8 row groups, 26 non-empty documents; 8 streams, so each buffer spans many epochs
+        with DataLoader(tok, 2, 16, "val", data_dir=corpus, buffer_docs=64) as loader:
+            return [x.tolist() for x, _ in itertools.islice(loader, 20)]
+
+    tok = Counting()
+    first = batches(tok)
+    assert tok.docs == 26
+    assert batches(tok) == first and tok.docs == 26  # a second loader: nothing tokenised again
+    other = Counting()
+    assert batches(other) == first and other.docs == 26
+    make_corpus(corpus, seed=1)  # the same file names, other documents
+    changed = batches(tok)
+    assert changed != first and tok.docs > 26
