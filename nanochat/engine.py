@@ -305,8 +305,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def add(self, requests, keys=None):
         """
-        Prefill requests (list of GenerationRequest) in one left-padded forward (on CPU, when the
-        padding would be over a quarter of the tokens, one forward per prompt) and append their
+        Prefill requests (list of GenerationRequest) in one left-padded forward and append their
         num_samples rows each. keys: one per request, reported in TokenEvent.key (default: the
         request's index in this call). Raises ValueError on an empty prompt or a bad num_samples /
         max_tokens, and NanochatError when a prompt and its max_tokens do not fit the model's RoPE
@@ -325,20 +324,9 @@ class DecodeBatch:
                                     f"more than the model's context of {limit}")
         lens = [len(r.tokens) for r in requests]
         L = max(lens)
-        if self.device.type == "cpu" and 4 * (L * len(lens) - sum(lens)) > sum(lens):
-            # padding would be over a quarter of the real tokens: prefill each prompt alone, then
-            # right-align the caches. On a CPU a product costs the same per row at one prompt's rows
-            # as at many, so nothing is lost, and no padded position is computed (or masked).
-            parts, logits = [], []
-            for r in requests:
-                part = KVCache.for_model(self.model, 1, len(r.tokens))
-                logits.append(self.model(torch.tensor([list(r.tokens)], dtype=torch.long, device=self.device), kv_cache=part)[:, -1, :])
-                parts.append((part, [0], 0))
-            prefill, logits = KVCache.concat(parts, L), torch.cat(logits)
-        else:  # one left-padded forward
-            idx = torch.tensor([[self.tokenizer.bos_token_id] * (L - len(r.tokens)) + list(r.tokens) for r in requests], dtype=torch.long, device=self.device)
-            prefill = KVCache.for_model(self.model, len(requests), L, left_pad=[L - n for n in lens])
-            logits = self.model(idx, kv_cache=prefill)[:, -1, :]
+        idx = torch.tensor([[self.tokenizer.bos_token_id] * (L - len(r.tokens)) + list(r.tokens) for r in requests], dtype=torch.long, device=self.device)
+        prefill = KVCache.for_model(self.model, len(requests), L, left_pad=[L - n for n in lens])
+        logits = self.model(idx, kv_cache=prefill)[:, -1, :]
         src_rows = [i for i, r in enumerate(requests) for _ in range(r.num_samples)]
         groups = [_Group(key, r, self._default_stops | set(r.stop_tokens or ()), self.device) for key, r in zip(keys, requests)]
         self._check_parked(block=False)  # rows parked since the last step may rejoin with these
