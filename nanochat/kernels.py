@@ -126,7 +126,7 @@ def apply_rotary_emb(x, cos, sin):
 
 
 # ------------------------------------------------------------------------------------------------
-# Few-row products (decoding): the fastest of three equal formulations, measured per shape
+# Few-row products (decoding): the fastest of four equal formulations, measured per shape
 
 
 # A decode step multiplies a handful of rows (the batch) by each weight. On CPU, which BLAS kernel
