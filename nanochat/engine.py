@@ -19,7 +19,7 @@ Layers, bottom up: KVCache (tensors) -> sample_tokens -> DecodeBatch (rows, tool
 """
 
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -453,8 +453,6 @@ class DecodeBatch:
         """Rows whose tool call is running are parked (cache rows copied aside, out of the batch);
         parked rows whose call has returned rejoin with its output queued. block: when no row is
         left to decode, wait for a call to return (step), rather than return at once (add)."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         if not self.park_tools:
             return
         waiting = [i for i, r in enumerate(self.rows) if r.tool is not None and not r.tool.done()]
@@ -473,9 +471,10 @@ class DecodeBatch:
         self.parked = [p for p in self.parked if not p[0].done]  # cancelled while parked
         if block and self.parked and not self.rows:
             wait([row.tool for row, _, _ in self.parked], return_when=FIRST_COMPLETED)
-        back = [p for p in self.parked if p[0].tool.done()]
+        done = [p[0].tool.done() for p in self.parked]  # read once: a call may return meanwhile
+        back = [p for p, d in zip(self.parked, done) if d]
         if back:
-            self.parked = [p for p in self.parked if not p[0].tool.done()]
+            self.parked = [p for p, d in zip(self.parked, done) if not d]
             for row, cache, uniform in back:  # one at a time: each brings its own cache
                 row.forced.extend(self._tool_output(row.tool.result()))
                 row.tool = None
