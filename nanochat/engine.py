@@ -288,7 +288,7 @@ class DecodeBatch:
         self._run_tool = run_tool or _run_tool
         self.cache, self.logits, self.uniform, self.rows = None, None, None, []
         self._sampling = None  # sample_tokens' per-row arguments, rebuilt when the rows change
-        self._weights = {}  # kernels.decoding()'s transposed weights: the model must not change while the batch lives
+        self._weights = {}  # kernels.decoding()'s weight copies: the model must not change while the batch lives
 
     def __len__(self):
         """Rows still going: in the batch, or parked on a tool call."""
@@ -340,7 +340,8 @@ class DecodeBatch:
         slots, or the batch empty), with their next-token logits [n, V] and random numbers [n, W]."""
         c = self.cache
         if not self.rows:  # an empty batch: exactly the room these rows need
-            self.cache = KVCache.concat([(src, src_rows, min(src.pad[r] for r in src_rows))], src.pos - min(src.pad[r] for r in src_rows) + self._need(new_rows))
+            start = min(src.pad[r] for r in src_rows)  # slots that are padding in every new row are dropped
+            self.cache = KVCache.concat([(src, src_rows, start)], src.pos - start + self._need(new_rows))
         elif len(self.rows) + len(new_rows) <= c.capacity and src.pos <= c.pos and c.pos + self._need(new_rows) <= c.max_len:
             c.append_rows(src, src_rows)  # room: only the new rows are copied
         else:  # rebuild, dropping slots that are padding in every row, with room for more arrivals
