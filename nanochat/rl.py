@@ -173,17 +173,22 @@ def policy_gradient_loss(logprobs, advantages, mask, num_tokens, old_logprobs=No
     return loss, {"clipped": clipped, "kl": kl}
 
 
-def select_correct(groups, max_per_question=None, min_coverage=0.0):
+def select_correct(groups, max_per_question=None, min_coverage=0.0, max_pass_rate=1.0):
     """
     RSFT selection. groups: a list (one per question) of lists of Rollout with `correct` set.
     Returns [(question index, sample index)] of exactly the correct rollouts whose coverage (when
     the task scores one) is at least min_coverage, in order, at most max_per_question of each
     question (None: all of them). min_coverage > 0 keeps a right answer reached without its
     reasoning out of the training set: trained on, such samples teach the model to skip the trace.
+    A question whose share of such samples is above max_pass_rate is skipped whole: the model
+    already solves it, and its copies would crowd the questions it is learning out of the step
+    (the filter of DAPO's dynamic sampling, Yu et al. 2025, arXiv:2503.14476, kept for the winners' side).
     """
     kept = []
     for q, group in enumerate(groups):
         picks = [s for s, r in enumerate(group) if r.correct and (r.coverage is None or r.coverage >= min_coverage)]
+        if len(picks) > max_pass_rate * len(group):
+            continue
         kept += [(q, s) for s in picks[:max_per_question]]
     return kept
 

@@ -141,6 +141,18 @@ def test_rsft_min_coverage_drops_right_answers_without_their_reasoning():
     assert select_correct(groups, max_per_question=1, min_coverage=0.9) == [(0, 0), (1, 1)]
 
 
+def test_rsft_max_pass_rate_skips_the_prompts_already_solved():
+    pattern = [[True] * 4, [True, True, True, False], [False] * 4, [True, False, False, False]]
+    groups = [[make_rollout(c) for c in row] for row in pattern]
+    assert select_correct(groups, max_pass_rate=1.0) == select_correct(groups)
+    assert select_correct(groups, max_pass_rate=0.99) == [(1, 0), (1, 1), (1, 2), (3, 0)]  # 4/4 solved: skipped
+    assert select_correct(groups, max_pass_rate=0.5) == [(3, 0)]  # 3/4 is above one half
+    # the pass rate counts the samples that would be kept: right answers short of min_coverage do not pass
+    for r in groups[0][:2]:
+        r.coverage = 0.5
+    assert select_correct(groups, max_pass_rate=0.5, min_coverage=1.0) == [(0, 2), (0, 3), (3, 0)]
+
+
 def test_collate_trains_only_sampled_completion_tokens():
     a = Rollout(prompt=[10, 11, 12], tokens=[20, 21, 22, 23, 24], mask=[1, 0, 0, 1, 1], finish="stop")
     b = Rollout(prompt=[30], tokens=[40, 41], mask=[1, 1], finish="length")
