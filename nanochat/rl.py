@@ -29,6 +29,8 @@ sampled by the policy: they carry mask 0 and are never trained on, in either alg
 import hashlib
 import inspect
 import json
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -551,6 +553,44 @@ def evaluate_policy(run, model, name, task, args):
             print0(table)
         run.log(row)
     return run.early_stop(row["eval_pass@1"], higher_is_better=True)
+
+
+def reward_trend(metrics_path, part=0.2):
+    """
+    Whether the training reward rose over a run: the mean step reward of the first and of the last
+    `part` of the steps logged in metrics_path (a metrics.jsonl; at least 2 steps each), their
+    difference and its 95% interval (normal approximation, unequal variances: 1.96 x sqrt(s1^2/n1
+    + s2^2/n2), the steps taken as independent). Returns {"reward_first", "reward_last",
+    "reward_rise", "reward_rise_lo", "reward_rise_hi" (its 95% interval), "reward_steps": n per end}, or {} with fewer than
+    4 steps (or no metrics file: ranks > 0). The per-step reward moves with the step's prompt mix,
+    which is what the interval measures.
+    """
+    if not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        rewards = [row["reward"] for row in map(json.loads, f) if row.get("reward") is not None]
+    n = max(2, int(len(rewards) * part))
+    if len(rewards) < 2 * n:
+        return {}
+    first, last = rewards[:n], rewards[-n:]
+
+    def mean_var(xs):
+        m = sum(xs) / len(xs)
+        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    (m1, v1), (m2, v2) = mean_var(first), mean_var(last)
+    half = 1.96 * math.sqrt(v1 / n + v2 / n)
+    rise = m2 - m1
+    return {"reward_first": m1, "reward_last": m2, "reward_rise": rise, "reward_rise_lo": rise - half, "reward_rise_hi": rise + half, "reward_steps": n}
+
+
+def print_reward_trend(trend):
+    """One line for the console: the reward of the first and last steps and the rise with its interval."""
+    if trend:
+        lo, hi = trend["reward_rise_lo"], trend["reward_rise_hi"]
+        verdict = "rose" if lo > 0 else "fell" if hi < 0 else "no change beyond the interval"
+        print0(f"reward: {trend['reward_first']:.4f} over the first {trend['reward_steps']} steps, {trend['reward_last']:.4f} over the last "
+               f"{trend['reward_steps']}: {trend['reward_rise']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95%), {verdict}")
 
 
 def eval_summary(run, name, split, eval_samples):

@@ -34,7 +34,7 @@ import os
 from nanochat.common import NanochatError, print0, run_main
 from nanochat.engine import Engine
 from nanochat.registry import file_hash
-from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, prompt_schedule, micro_batches,
+from nanochat.rl import (add_rl_args, all_sum, check_rl_args, check_rl_run, check_task_names, eval_summary, evaluate_policy, load_rl_data, log_rl_step, print_reward_trend, prompt_schedule, reward_trend, micro_batches,
                          optimizer_step, rollout_to_conversation, sample_step, select_correct)
 from nanochat.training import RunState, add_run_args, parse_run_args
 from tasks.customjson import parse_conversation, read_lines
@@ -143,7 +143,9 @@ def main(argv=None):
         evaluate_policy(run, model, eval_name, eval_task, args)
 
     # -------------------------------------------------------------------------------- wrap-up
-    run.finish(num_params=model.num_params(), **shift, **eval_summary(run, eval_name, args.eval_split, args.eval_samples))
+    trend = reward_trend(run.logger.path)  # the training reward's first and last fifth of the steps (rank 0)
+    print_reward_trend(trend)
+    run.finish(num_params=model.num_params(), **shift, **trend, **eval_summary(run, eval_name, args.eval_split, args.eval_samples))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.rl import Rollout, collate_rollouts, group_advantages, policy_gradient_loss, rollout_to_conversation, sample_rollouts, select_correct, token_logprobs
+from nanochat.rl import Rollout, collate_rollouts, group_advantages, policy_gradient_loss, reward_trend, rollout_to_conversation, sample_rollouts, select_correct, token_logprobs
 from tasks.common import validate_conversation
 
 TOK = byte_tokenizer()
@@ -151,6 +151,23 @@ def test_rsft_max_pass_rate_skips_the_prompts_already_solved():
     for r in groups[0][:2]:
         r.coverage = 0.5
     assert select_correct(groups, max_pass_rate=0.5, min_coverage=1.0) == [(0, 2), (0, 3), (3, 0)]
+
+
+def test_reward_trend_compares_the_first_and_last_fifth_of_the_steps(tmp_path):
+    def trend(rewards, extra_rows=()):
+        path = tmp_path / "metrics.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in [{"step": i + 1, "reward": r} for i, r in enumerate(rewards)] + list(extra_rows)))
+        return reward_trend(str(path))
+
+    noise = [0.02 * ((7 * i) % 5 - 2) for i in range(50)]  # -0.04 .. +0.04, the same at both ends
+    rising = trend([0.2 + 0.01 * i + e for i, e in enumerate(noise)], extra_rows=[{"step": 50, "eval_pass@1": 0.9}])  # eval rows carry no reward
+    assert rising["reward_steps"] == 10 and rising["reward_first"] == pytest.approx(0.245, abs=0.01) and rising["reward_last"] == pytest.approx(0.645, abs=0.01)
+    assert rising["reward_rise_lo"] > 0.3 and rising["reward_rise"] == pytest.approx(0.4, abs=0.01)
+    flat = trend([0.5 + e for e in noise])
+    assert flat["reward_rise_lo"] < 0 < flat["reward_rise_hi"]
+    falling = trend([0.8 - 0.01 * i + e for i, e in enumerate(noise)])
+    assert falling["reward_rise_hi"] < 0
+    assert trend([0.1, 0.2, 0.3]) == {} and reward_trend(str(tmp_path / "missing.jsonl")) == {}
 
 
 def test_collate_trains_only_sampled_completion_tokens():
