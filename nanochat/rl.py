@@ -175,7 +175,7 @@ def policy_gradient_loss(logprobs, advantages, mask, num_tokens, old_logprobs=No
     return loss, {"clipped": clipped, "kl": kl}
 
 
-def select_correct(groups, max_per_question=None, min_coverage=0.0, max_pass_rate=1.0):
+def select_correct(groups, max_per_question=None, min_coverage=0.0, max_pass_rate=1.0, distinct=False):
     """
     RSFT selection. groups: a list (one per question) of lists of Rollout with `correct` set.
     Returns [(question index, sample index)] of exactly the correct rollouts whose coverage (when
@@ -185,12 +185,20 @@ def select_correct(groups, max_per_question=None, min_coverage=0.0, max_pass_rat
     A question whose share of such samples is above max_pass_rate is skipped whole: the model
     already solves it, and its copies would crowd the questions it is learning out of the step
     (the filter of DAPO's dynamic sampling, Yu et al. 2025, arXiv:2503.14476, kept for the winners' side).
+    distinct: keep one of each set of identical completions of a question (same tokens), as RFT
+    keeps distinct reasoning paths (Yuan et al. 2023): at a low temperature most of a question's
+    winners are copies, and copies only reweight the step toward the questions already solved.
     """
     kept = []
     for q, group in enumerate(groups):
         picks = [s for s, r in enumerate(group) if r.correct and (r.coverage is None or r.coverage >= min_coverage)]
         if len(picks) > max_pass_rate * len(group):
             continue
+        if distinct:
+            firsts = {}
+            for s in picks:
+                firsts.setdefault(tuple(group[s].tokens), s)
+            picks = sorted(firsts.values())
         kept += [(q, s) for s in picks[:max_per_question]]
     return kept
 

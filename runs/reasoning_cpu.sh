@@ -10,8 +10,9 @@
 # The stages (each skipped when done, so a re-run resumes; runs/stages.sh):
 # - tok_train: a 4,096-token BPE on 20M characters of the pretraining text.
 # - base_train: depth 4 for $BASE_STEPS steps of 8K tokens: enough English for the format to stick.
-# - chat_sft: MultiHop train conversations (tasks/recipes/multihop_sft.json): the TRACE + ANSWER
-#   format and the copying of facts from the prompt.
+# - chat_sft: MultiHop train conversations (tasks/recipes/multihop_sft.json) at the full base LRs
+#   (at 0.3x of them the model stopped at 22% accuracy, docs/LOG.md): the TRACE + ANSWER format and
+#   the lookup of each hop's fact in the prompt.
 # - chat_rsft: rejection sampling on MultiHop train prompts of every bucket (matched to the
 #   evaluation's mix: the distribution report says so), K samples each, fine-tuning on the correct ones.
 # - chat_rl: GRPO on the same prompts from the RSFT model, reward = the verifier's answer check.
@@ -25,10 +26,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 NAME=${NAME:-reasoning}              # run name in the registry (python -m scripts.lab list)
 BASE_STEPS=${BASE_STEPS:-120}
 SFT_STEPS=${SFT_STEPS:-300}
+SFT_LR_FRAC=${SFT_LR_FRAC:-1.0}
 RSFT_STEPS=${RSFT_STEPS:-80}
-RSFT_LR_FRAC=${RSFT_LR_FRAC:-0.03}
+RSFT_LR_FRAC=${RSFT_LR_FRAC:-0.1}
 RL_STEPS=${RL_STEPS:-50}
-EVAL_PROBLEMS=${EVAL_PROBLEMS:-600}  # MultiHop test problems per evaluation (~250 easy, 120 medium, 230 hard)
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-1000}  # MultiHop test problems per evaluation (all of test: 400 easy, 198 medium, 402 hard)
 
 source runs/setup.sh
 source runs/stages.sh
@@ -48,15 +50,18 @@ run_stage base_train python -m scripts.base_train --depth 4 --max-seq-len 256 --
     --num-iterations "$BASE_STEPS" --eval-every -1 --eval-tokens 131072 --num-prompts 0 --name "$NAME-base" --resume-if-exists
 run_stage chat_eval_base python -m scripts.chat_eval --source base $EVAL_ARGS
 run_stage chat_sft python -m scripts.chat_sft --source base --recipe tasks/recipes/multihop_sft.json --max-seq-len 256 \
-    --device-batch-size 16 --total-batch-size 4096 --num-iterations "$SFT_STEPS" --init-lr-frac 0.3 --eval-every -1 --val-conversations 64 \
+    --device-batch-size 16 --total-batch-size 4096 --num-iterations "$SFT_STEPS" --init-lr-frac "$SFT_LR_FRAC" --eval-every -1 --val-conversations 64 \
     --name "$NAME-sft" --resume-if-exists
 run_stage chat_eval_sft python -m scripts.chat_eval --source sft $EVAL_ARGS
 # RSFT keeps a right answer only with its whole reasoning path (--rsft-min-coverage 1): right answers
 # without the trace, trained on, taught the model to drop it (coverage fell to 0.02, docs/LOG.md).
+# It skips the prompts solved 8 times out of 8 (--rsft-max-pass-rate 0.99): they were two thirds of
+# the winners and taught nothing new.
 run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-step 32 --num-iterations "$RSFT_STEPS" --init-lr-frac "$RSFT_LR_FRAC" \
-    --rsft-min-coverage 1 --name "$NAME-rsft" --resume-if-exists
+    --rsft-min-coverage 1 --rsft-max-pass-rate 0.99 --name "$NAME-rsft" --resume-if-exists
 run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS
-run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --source rsft --questions-per-step 16 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
+# GRPO: 32 prompts x 4 samples a step (the step's reward moves less with its prompt mix than at 16 x 8)
+run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --num-samples 4 --source rsft --questions-per-step 32 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
 run_stage chat_eval_rl python -m scripts.chat_eval --source rl $EVAL_ARGS
 
 python -m nanochat.report generate --gpu-hour-price 0

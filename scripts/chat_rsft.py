@@ -48,6 +48,7 @@ def parse_args(argv=None):
     g.add_argument("--rsft-epochs", type=int, default=1, help="optimizer updates on each step's kept samples")
     g.add_argument("--rsft-max-per-question", type=int, default=0, help="correct samples kept per prompt at most (0: all)")
     g.add_argument("--rsft-min-coverage", type=float, default=0.0, help="keep a correct sample only if its coverage (tasks with score()) is at least this (1: the whole reasoning path)")
+    g.add_argument("--rsft-distinct", type=int, default=0, choices=[0, 1], help="1: keep one of each set of identical winners of a prompt (RFT's distinct reasoning paths)")
     g.add_argument("--rsft-max-pass-rate", type=float, default=1.0, help="skip a prompt whose share of kept-worthy samples is above this (below 1: drop the prompts the model already solves every time)")
     add_run_args(p, parent="sft", token_batches=False, eval_every=60, init_lr_frac=0.05, warmdown_ratio=1.0, compile=0)
     args = parse_run_args(p, argv)
@@ -114,7 +115,7 @@ def main(argv=None):
             break
         # ---- sample K completions of this rank's prompts, score them with the task's verifier, keep the correct ones
         mine, conversations, groups = sample_step(run, engine, task, pool, order, step, args)
-        kept = select_correct(groups, args.rsft_max_per_question or None, args.rsft_min_coverage, args.rsft_max_pass_rate)
+        kept = select_correct(groups, args.rsft_max_per_question or None, args.rsft_min_coverage, args.rsft_max_pass_rate, bool(args.rsft_distinct))
         # every scored sample, in slot order: the file is the same for any number of ranks
         records = sorted(rec for part in run.gather(sample_lines(step, mine, pool, conversations, groups, kept, tokenizer)) for rec in part)
         if rank == 0:
