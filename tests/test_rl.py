@@ -153,6 +153,16 @@ def test_rsft_max_pass_rate_skips_the_prompts_already_solved():
     assert select_correct(groups, max_pass_rate=0.5, min_coverage=1.0) == [(0, 2), (0, 3), (3, 0)]
 
 
+def test_rsft_distinct_keeps_one_of_each_identical_winner():
+    texts = [[[1, 2], [1, 2], [3], [1, 2]], [[5], [6], [5], [7]]]
+    groups = [[Rollout(prompt=[9], tokens=t, mask=[1] * len(t), finish="stop", correct=True) for t in row] for row in texts]
+    groups[1][1].correct = False  # a loser is never kept, distinct or not
+    assert select_correct(groups, distinct=True) == [(0, 0), (0, 2), (1, 0), (1, 3)]  # the first of each copy, in order
+    assert select_correct(groups, distinct=True, max_per_question=1) == [(0, 0), (1, 0)]
+    # the pass rate counts every winner, copies included: group 0 (4/4) is skipped at 0.99
+    assert select_correct(groups, distinct=True, max_pass_rate=0.99) == [(1, 0), (1, 3)]
+
+
 def test_reward_trend_compares_the_first_and_last_fifth_of_the_steps(tmp_path):
     def trend(rewards, extra_rows=()):
         path = tmp_path / "metrics.jsonl"
