@@ -30,7 +30,7 @@ import hashlib
 import inspect
 import json
 import math
-import os
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,8 @@ from nanochat.chat_eval import bucket_table, evaluate_task, pass_at_k, select_pr
 from nanochat.common import NanochatError, print0
 from nanochat.distribution import distribution_report
 from nanochat.engine import GenerationRequest
+from nanochat.lab import Z95
+from nanochat.registry import read_jsonl
 
 
 @dataclass
@@ -573,23 +575,15 @@ def reward_trend(metrics_path, part=0.2):
     4 steps (or no metrics file: ranks > 0). The per-step reward moves with the step's prompt mix,
     which is what the interval measures.
     """
-    if not os.path.exists(metrics_path):
-        return {}
-    with open(metrics_path) as f:
-        rewards = [row["reward"] for row in map(json.loads, f) if row.get("reward") is not None]
+    rewards = [row["reward"] for row in read_jsonl(metrics_path) if row.get("reward") is not None]
     n = max(2, int(len(rewards) * part))
     if len(rewards) < 2 * n:
         return {}
     first, last = rewards[:n], rewards[-n:]
-
-    def mean_var(xs):
-        m = sum(xs) / len(xs)
-        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-
-    (m1, v1), (m2, v2) = mean_var(first), mean_var(last)
-    half = 1.96 * math.sqrt(v1 / n + v2 / n)
-    rise = m2 - m1
-    return {"reward_first": m1, "reward_last": m2, "reward_rise": rise, "reward_rise_lo": rise - half, "reward_rise_hi": rise + half, "reward_steps": n}
+    rise = statistics.fmean(last) - statistics.fmean(first)
+    half = Z95 * math.sqrt((statistics.variance(first) + statistics.variance(last)) / n)
+    return {"reward_first": statistics.fmean(first), "reward_last": statistics.fmean(last), "reward_rise": rise,
+            "reward_rise_lo": rise - half, "reward_rise_hi": rise + half, "reward_steps": n}
 
 
 def print_reward_trend(trend):
