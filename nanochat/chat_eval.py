@@ -32,6 +32,11 @@ A task with score(conversation, completion) -> {"coverage": float, ...} (MultiHo
 gold reasoning hops found in the trace) also gets the mean coverage over samples, overall and per
 bucket.
 
+Paired comparison: evaluate_task keeps every problem's score (index, bucket, 0/1 or pass@1), and
+paired_difference() compares two evaluations of one task on their common problems, per bucket, with
+the interval of the mean per-problem difference: two checkpoints of one run mostly agree problem by
+problem, so the paired interval is several times narrower than the two accuracies' own intervals.
+
 ChatCORE (nanochat): the mean over tasks of the accuracy centred by its chance level,
 (acc - chance) / (1 - chance); chance is the mean of 1 / (number of choices) over the problems
 of a categorical task (ARC questions have 3 to 5 choices), 0 for a generative task.
@@ -42,6 +47,7 @@ returns the global result. A problem's samples are seeded by its index, so resul
 not depend on the number of ranks.
 """
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import NanochatError
-from nanochat.lab import wilson
+from nanochat.lab import Z95, wilson
 
 # Logits of one categorical batch are [B, T, vocab_size] fp32 (the model returns every position):
 # B and the padded T are capped so that this stays under LOGITS_BUDGET_BYTES.
@@ -178,7 +184,7 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
     Returns (sums, outcomes): sums = {"problems", "correct", "chance", "cropped", "buckets"} (chance:
     the sum of 1 / number of letters; buckets: {bucket: {"problems", "correct"}} in the task's
     declared order, {} without buckets), outcomes = {index: (predicted letter, [logit of each letter],
-    fp32 values)}.
+    fp32 values), correct (bool))}.
     """
     device = model.lm_head.weight.device
     limit = getattr(model, "rotary_seq_len", None) or model.config.sequence_len
@@ -208,8 +214,8 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size=8, logits_b
         for row, (i, _, conversation, letter_ids) in enumerate(batch):
             letter_logits = final[row, letter_ids]
             predicted = conversation["letters"][int(letter_logits.argmax())]
-            outcomes[i] = (predicted, letter_logits.tolist())
             ok = bool(task.evaluate(conversation, predicted))
+            outcomes[i] = (predicted, letter_logits.tolist(), ok)
             correct += ok
             if (bucket := _bucket(buckets, conversation, i)) is not None:
                 bucket["problems"] += 1
@@ -338,7 +344,10 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
     model), and for generative tasks num_samples, pass@k ({k: value}), eval_errors; for a task with
     score(): coverage (mean over the samples); for a task with buckets: buckets ({bucket: {"problems",
     "accuracy", "ci95", "coverage" with score()}} in the declared order; accuracy and ci95 None, and
-    coverage None, for a bucket without problems or samples); time_s.
+    coverage None, for a bucket without problems or samples); per_problem ({"index", "score", and
+    "bucket" for a task with buckets: parallel lists over all ranks' problems in index order; score is
+    1.0 / 0.0 for a categorical problem, the problem's pass@1 (correct samples / samples) for a
+    generative one), what paired_difference() compares; task_size (len(task)); time_s.
     Raises NanochatError for a task without an evaluation or with no problems, or a problem whose
     bucket the task does not declare.
     """
@@ -356,7 +365,8 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
     device = model.lm_head.weight.device
     t0 = time.time()
     if task.eval_type == "categorical":
-        sums, _ = evaluate_categorical(model, tokenizer, task, mine, batch_size=batch_size, log=log if rank == 0 else None)
+        sums, outcomes = evaluate_categorical(model, tokenizer, task, mine, batch_size=batch_size, log=log if rank == 0 else None)
+        scores = {i: float(ok) for i, (_, _, ok) in outcomes.items()}
         sums = _all_reduce_sums(sums, device)
         problems = int(sums["problems"])
         accuracy, chance = sums["correct"] / problems, sums["chance"] / problems
@@ -364,7 +374,8 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
         correct_key = "correct"
     else:
         engine = Engine(model, tokenizer)
-        sums, _ = evaluate_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k, seed, batch_size, log=log if rank == 0 else None)
+        sums, outcomes = evaluate_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k, seed, batch_size, log=log if rank == 0 else None)
+        scores = {i: sum(ok for _, ok in samples) / len(samples) for i, samples in outcomes.items()}
         sums = _all_reduce_sums(sums, device)
         problems = int(sums["problems"])
         pass_k = {k: sums[f"pass@{k}"] / problems for k in report_ks(num_samples)}
@@ -377,8 +388,23 @@ def evaluate_task(model, tokenizer, name, task, max_problems=-1, batch_size=8, n
         result["buckets"] = {bucket: _bucket_result(b, correct_key) for bucket, b in sums["buckets"].items()}
     result["centered"] = centered(result["accuracy"], result["chance"])
     result["cropped"] = int(sums["cropped"])
+    result["per_problem"] = _per_problem(task, scores)
+    result["task_size"] = len(task)
     result["time_s"] = time.time() - t0
     return result
+
+
+def _per_problem(task, scores):
+    """evaluate_task's "per_problem" from this rank's {index: score}, gathered from every rank."""
+    items = sorted(scores.items())
+    if dist.is_available() and dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        items = sorted(item for part in parts for item in part)
+    out = {"index": [i for i, _ in items], "score": [score for _, score in items]}
+    if getattr(task, "buckets", None):
+        out["bucket"] = [task[i]["bucket"] for i, _ in items]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -426,4 +452,57 @@ def bucket_table(results):
             interval = "-" if b["ci95"] is None else f"[{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]"
             cells = [r["task"], bucket, str(b["problems"]), number(b["accuracy"]), interval]
             lines.append("| " + " | ".join(cells + ([number(b.get("coverage"))] if with_coverage else [])) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Paired comparison of two evaluations
+
+
+def paired_difference(before, after):
+    """
+    Compare two evaluate_task results of one task on the problems both evaluated (matched by index):
+    per bucket in the task's order, then "all", the mean of the per-problem score differences (after
+    minus before) with its 95% interval. Pairing removes the spread between problems, which dominates
+    the unpaired (Wilson) intervals of two accuracies, so a gain of a few points on a few hundred
+    problems can be told from noise. The interval is the normal one, mean +- 1.96 s / sqrt(n), s the
+    sample standard deviation of the n differences (Miller 2024, "Adding Error Bars to Evals",
+    arXiv:2411.00640, section 4: paired differences); None for n < 2.
+    Returns a list of {"bucket", "problems", "before", "after", "diff", "ci95" ([lo, hi] or None),
+    "fixed" (problems whose score rose), "broke" (problems whose score fell)}; a bucket with no
+    common problem is left out.
+    Raises NanochatError when a result has no per-problem scores, the two tasks differ in size (their
+    indices name different problems), or no problem was evaluated by both.
+    """
+    for name, r in (("before", before), ("after", after)):
+        if "per_problem" not in r:
+            raise NanochatError(f"paired comparison of {r.get('task')}: the {name} evaluation has no per-problem scores (evaluated before they were kept; evaluate it again)")
+    if before["task"] != after["task"] or before.get("task_size") != after.get("task_size"):
+        raise NanochatError(f"paired comparison: {before['task']} ({before.get('task_size')} problems) and {after['task']} ({after.get('task_size')} problems) are not the same problems")
+    a = dict(zip(before["per_problem"]["index"], before["per_problem"]["score"]))
+    b = dict(zip(after["per_problem"]["index"], after["per_problem"]["score"]))
+    buckets = dict(zip(after["per_problem"]["index"], after["per_problem"].get("bucket") or [None] * len(b)))
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        raise NanochatError(f"paired comparison of {after['task']}: no problem was evaluated by both (--max-problems and --seed choose them)")
+    groups = {name: [i for i in common if buckets[i] == name] for name in after.get("buckets", {})}
+    rows = []
+    for name, idx in list(groups.items()) + [("all", common)]:
+        if not idx:
+            continue
+        d = np.array([b[i] - a[i] for i in idx], dtype=np.float64)
+        n, mean = len(d), float(d.mean())
+        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else None
+        rows.append({"bucket": name, "problems": n, "before": float(np.mean([a[i] for i in idx])), "after": float(np.mean([b[i] for i in idx])),
+                     "diff": mean, "ci95": None if half is None else [mean - half, mean + half], "fixed": int((d > 0).sum()), "broke": int((d < 0).sum())})
+    return rows
+
+
+def paired_table(name_before, name_after, task, rows):
+    """A markdown table of paired_difference rows: task, bucket, n, both accuracies, the difference
+    with its 95% interval, and the problems fixed / broken."""
+    lines = [f"| task | bucket | n | {name_before} | {name_after} | difference | 95% interval | fixed / broke |", "|---" * 8 + "|"]
+    for r in rows:
+        interval = "-" if r["ci95"] is None else f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
+        lines.append(f"| {task} | {r['bucket']} | {r['problems']} | {r['before']:.4f} | {r['after']:.4f} | {r['diff']:+.4f} | {interval} | {r['fixed']} / {r['broke']} |")
     return "\n".join(lines)

@@ -17,7 +17,9 @@
 #   evaluation's mix: the distribution report says so), K samples each, fine-tuning on the correct ones.
 # - chat_rl: GRPO on the same prompts from the RSFT model, reward = the verifier's answer check.
 # - chat_eval after each: MultiHop test, greedy, per-bucket accuracy with its 95% interval and the
-#   coverage (nanochat/chat_eval.py bucket_table); the report card ends with the stages compared.
+#   coverage (nanochat/chat_eval.py bucket_table); RSFT and GRPO also paired with the stages before
+#   them on the same problems (--paired-with: the per-problem difference and its 95% interval, the
+#   test of "beat it"); the report card ends with the stages compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,10 +61,10 @@ run_stage chat_eval_sft python -m scripts.chat_eval --source sft $EVAL_ARGS
 # the winners and taught nothing new.
 run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-step 32 --num-iterations "$RSFT_STEPS" --init-lr-frac "$RSFT_LR_FRAC" \
     --rsft-min-coverage 1 --rsft-max-pass-rate 0.99 --name "$NAME-rsft" --resume-if-exists
-run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS
+run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS --paired-with sft
 # GRPO: 32 prompts x 4 samples a step (the step's reward moves less with its prompt mix than at 16 x 8)
 run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --num-samples 4 --source rsft --questions-per-step 32 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
-run_stage chat_eval_rl python -m scripts.chat_eval --source rl $EVAL_ARGS
+run_stage chat_eval_rl python -m scripts.chat_eval --source rl $EVAL_ARGS --paired-with sft,rsft
 
 python -m nanochat.report generate --gpu-hour-price 0
 echo "== report: $NANOCHAT_BASE_DIR/report/report.md"

@@ -8,11 +8,15 @@ and their ChatCORE (nanochat/chat_eval.py). MultiHop (tasks/multihop.py) is eval
     python -m scripts.chat_eval --source mid --tasks ARC-Easy,GSM8K --max-problems 200
     python -m scripts.chat_eval --source sft --tasks HumanEval --num-samples 10 --temperature 0.8
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval --source sft
+    python -m scripts.chat_eval --source rsft --tasks MultiHop --paired-with sft   # and problem by problem against sft's
 
 Prints the table, then the accuracy per difficulty bucket with n and a 95% interval (MultiHop by
 hops, GSM8K by solution steps, ARC by set, MMLU by subject group), and writes both to
 <base_dir>/report/chat-eval-<source>.json and .md (rank 0); the results also go to the run registry
-under the run that wrote the checkpoint (nanochat/registry.py).
+under the run that wrote the checkpoint (nanochat/registry.py). --paired-with compares this
+evaluation with the saved evaluations of other stages on the problems both scored: per bucket, the
+mean per-problem difference with its 95% interval (nanochat.chat_eval.paired_difference), the fair
+test of whether one stage beat another on the same problems.
 """
 
 import argparse
@@ -20,7 +24,7 @@ import json
 import os
 import time
 
-from nanochat.chat_eval import chat_core, evaluate_task, format_table
+from nanochat.chat_eval import chat_core, evaluate_task, format_table, paired_difference, paired_table
 from nanochat.checkpoint_manager import STAGES, apply_model_ref, checkpoint_dir, load_model
 from nanochat import report as run_report
 from nanochat.common import NanochatError, atomic_write_bytes, compute_cleanup, compute_init, get_base_dir, print0, run_main
@@ -44,8 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the generative tasks (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the problem subset and of the samples")
+    p.add_argument("--paired-with", type=str, default="", help="comma-separated stages whose saved evaluation (report/chat-eval-<stage>.json) this one is compared with, problem by problem")
     p.add_argument("--device-type", type=str, default=None, help="cuda | cpu | mps (default: autodetect)")
     args = p.parse_args(argv)
+    args.paired_with = [s.strip() for s in args.paired_with.split(",") if s.strip()]
+    if any(s not in STAGES for s in args.paired_with):
+        raise NanochatError(f"--paired-with {','.join(args.paired_with)}: expected stages of {', '.join(STAGES)}")
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.tasks if t not in EVAL_TASKS]
     if unknown or not args.tasks:
@@ -57,10 +65,29 @@ def parse_args(argv=None):
     return args
 
 
+def load_saved_evaluation(stage, task_names):
+    """{task: evaluate_task result} of the saved evaluation of `stage` (report/chat-eval-<stage>.json),
+    for the tasks of task_names. NanochatError when the file is missing or unreadable, or lacks one of
+    the tasks."""
+    path = os.path.join(get_base_dir(), "report", f"chat-eval-{stage}.json")
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)["tasks"]
+    except FileNotFoundError:
+        raise NanochatError(f"--paired-with {stage}: {path} not found; evaluate it first (python -m scripts.chat_eval --source {stage} with the same --tasks)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NanochatError(f"--paired-with {stage}: {path} is not a chat_eval report ({type(e).__name__}: {e})") from None
+    missing = [name for name in task_names if name not in saved]
+    if missing:
+        raise NanochatError(f"--paired-with {stage}: {path} has no {', '.join(missing)} (it evaluated {', '.join(saved) or 'nothing'})")
+    return saved
+
+
 def main(argv=None):
     args = apply_model_ref(parse_args(argv))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     print0(json.dumps(vars(args)))
+    earlier = {stage: load_saved_evaluation(stage, args.tasks) for stage in args.paired_with}  # fail before the work on a missing comparison
 
     # -------------------------------------------------------------------------------- model and tasks
     model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step, lora=args.lora)
@@ -96,6 +123,11 @@ def main(argv=None):
     chatcore = chat_core(core_results)
     table = format_table(results, chatcore, CHAT_TASKS)
     print0(table)
+    paired = {stage: {r["task"]: paired_difference(saved[r["task"]], r) for r in results} for stage, saved in earlier.items()}
+    paired_tables = {stage: f"Paired with {stage}, on the problems both evaluated:\n\n" + "\n\n".join(paired_table(stage, args.source, task, rows) for task, rows in by_task.items())
+                     for stage, by_task in paired.items()}
+    for t in paired_tables.values():
+        print0("\n" + t)
 
     # -------------------------------------------------------------------------------- report
     if rank == 0:
@@ -108,6 +140,7 @@ def main(argv=None):
             "args": vars(args),
             "tasks": {r["task"]: r for r in results},
             "chatcore": chatcore,
+            "paired": paired,
             "time_s": time.time() - t0,
         }
         report_dir = os.path.join(get_base_dir(), "report")
@@ -115,9 +148,9 @@ def main(argv=None):
         path = os.path.join(report_dir, f"chat-eval-{args.source}")
         atomic_write_bytes(path + ".json", json.dumps(report, indent=1).encode())
         title = f"# Chat evaluation: {args.source} model {meta['model_tag']} step {meta['step']}\n\n"
-        atomic_write_bytes(path + ".md", (title + table + "\n").encode())
+        atomic_write_bytes(path + ".md", (title + "\n\n".join([table, *paired_tables.values()]) + "\n").encode())
         print0(f"wrote {path}.json and .md")
-        run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table})
+        run_report.log_stage(f"chat_eval_{args.source}", args=vars(args), metrics={"chatcore": chatcore} | {f"{r['task']}_accuracy": r["accuracy"] for r in results}, tables={"results": table} | {f"paired with {stage}": t for stage, t in paired_tables.items()})
         if args.lora is None:  # the registry's evals belong to a checkpoint; checkpoint + --lora is none
             record_evals(checkpoint_dir(args.source, meta["model_tag"]), meta, chat_eval_rows(core_results, chatcore) + chat_eval_rows(extra_results, None), "chat_eval")
     compute_cleanup()

@@ -28,6 +28,8 @@ from nanochat.chat_eval import (
     evaluate_task,
     format_table,
     letter_token_ids,
+    paired_difference,
+    paired_table,
     pass_at_k,
     report_ks,
     select_problems,
@@ -184,7 +186,7 @@ def test_batched_scoring_equals_one_at_a_time_on_a_real_gpt():
     for i in indices:  # padding after a prompt and the batch around it change nothing
         assert single[i][0] == batched[i][0]
         assert batched[i][1] == pytest.approx(single[i][1], abs=1e-4)
-    assert len({tuple(logits) for _, logits in single.values()}) == len(indices)  # the logits depend on the prompt
+    assert len({tuple(logits) for _, logits, _ in single.values()}) == len(indices)  # the logits depend on the prompt
 
 
 # ------------------------------------------------------------------------------------------------ generative
@@ -317,8 +319,17 @@ def test_evaluate_task_reports_buckets_with_wilson_intervals():
     assert b["empty"] == {"problems": 0, "accuracy": None, "ci95": None}
     lo, hi = r["ci95"]  # the whole task: 6 of 11
     assert lo < 6 / 11 < hi and hi - lo < b["low"]["ci95"][1] - b["low"]["ci95"][0]
+    # every problem's verdict, with its bucket: they add up to the accuracies
+    pp = r["per_problem"]
+    assert pp["index"] == list(range(11)) and r["task_size"] == 11 and set(pp["score"]) == {0.0, 1.0}
+    assert pp["bucket"] == [BucketMCTask()[i]["bucket"] for i in range(11)]
+    for name in ("low", "high"):
+        scores = [s for s, bucket in zip(pp["score"], pp["bucket"]) if bucket == name]
+        assert sum(scores) / len(scores) == pytest.approx(b[name]["accuracy"])
     # a task without buckets has none
-    assert "buckets" not in evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", MCTask(), batch_size=3)
+    plain = evaluate_task(LetterModel(TOK.vocab_size), TOK, "MC", MCTask(), batch_size=3, max_problems=5, seed=1)
+    assert "buckets" not in plain and "bucket" not in plain["per_problem"]
+    assert plain["per_problem"]["index"] == sorted(select_problems(11, 5, 1)) and sum(plain["per_problem"]["score"]) / 5 == pytest.approx(plain["accuracy"])
 
 
 class BucketCountTask(CountTask):
@@ -359,6 +370,8 @@ def test_generative_bucket_pass_at_1_and_coverage(monkeypatch):
     assert r["accuracy"] == pytest.approx(2.25 / 8) and r["coverage"] == pytest.approx(18.5 / 28)
     assert r["buckets"]["small"]["accuracy"] == pytest.approx(0.375) and r["buckets"]["small"]["coverage"] == pytest.approx(11 / 16)
     assert r["buckets"]["large"]["accuracy"] == pytest.approx(0.1875) and r["buckets"]["large"]["coverage"] == pytest.approx(0.625)
+    assert r["per_problem"]["score"] == [0.0, 0.25, 0.5, 0.75, 0.0, 0.0, 0.25, 0.5]  # pass@1 of each problem (4: the judge raised)
+    assert r["per_problem"]["bucket"] == ["small"] * 4 + ["large"] * 4
     # pass@1 of 4 samples as the proportion on 4 problems (the documented approximation)
     assert r["buckets"]["small"]["ci95"] == [pytest.approx(0.09190, abs=1e-5), pytest.approx(0.78057, abs=1e-5)]
 
@@ -405,6 +418,67 @@ def test_bucket_table_rows_and_the_report_table():
     table = format_table(suite + [hop], 0.0, CHAT_TASKS)
     assert "ChatCORE 0.0000 (mean centred score over all 6 tasks)\n\n| task | bucket |" in table
     assert table.endswith("| MultiHop | all | 2 | 0.5000 | [0.1000, 0.9000] | 0.7500 |")
+
+
+# ------------------------------------------------------------------------------------------------ paired comparison
+
+
+def scored(scores, buckets=None, task="T", size=None, index=None):
+    """An evaluate_task-like result with per-problem scores (buckets: one name per problem)."""
+    index = list(range(len(scores))) if index is None else index
+    r = {"task": task, "task_size": size or 100, "per_problem": {"index": index, "score": scores}}
+    if buckets is not None:
+        r["per_problem"]["bucket"] = buckets
+        r["buckets"] = dict.fromkeys(["easy", "hard", "empty"])
+    return r
+
+
+def test_paired_difference_by_hand():
+    before = [1, 0, 0, 1, 1, 0, 0, 0, 1, 0]
+    after = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
+    buckets = ["easy"] * 4 + ["hard"] * 6
+    rows = paired_difference(scored(before, buckets), scored(after, buckets))
+    assert [r["bucket"] for r in rows] == ["easy", "hard", "all"]  # the task's order; an empty bucket is left out
+    easy, hard, everything = rows
+    # easy: differences 0 1 0 0 -> mean 0.25, s = 0.5, half-width 1.96 * 0.5 / 2
+    assert easy["problems"] == 4 and easy["before"] == 0.5 and easy["after"] == 0.75 and easy["diff"] == 0.25
+    assert easy["ci95"] == [pytest.approx(0.25 - 0.4899910), pytest.approx(0.25 + 0.4899910)]
+    assert (easy["fixed"], easy["broke"]) == (1, 0)
+    # hard: differences -1 1 1 0 0 1 -> mean 1/3
+    d = [-1, 1, 1, 0, 0, 1]
+    m = sum(d) / 6
+    s = math.sqrt(sum((x - m) ** 2 for x in d) / 5)
+    assert hard["diff"] == pytest.approx(m) and hard["ci95"] == [pytest.approx(m - 1.959964 * s / math.sqrt(6)), pytest.approx(m + 1.959964 * s / math.sqrt(6))]
+    assert (hard["fixed"], hard["broke"]) == (3, 1)
+    assert everything["problems"] == 10 and everything["diff"] == pytest.approx(0.3) and (everything["fixed"], everything["broke"]) == (4, 1)
+    d = [a - b for a, b in zip(after, before)]
+    half = 1.959964 * math.sqrt(sum((x - 0.3) ** 2 for x in d) / 9) / math.sqrt(10)
+    assert everything["ci95"] == [pytest.approx(0.3 - half), pytest.approx(0.3 + half)]
+
+
+def test_paired_difference_matches_problems_by_index():
+    # before scored problems 0-5, after 3-8 (another --max-problems subset): compared on 3, 4, 5 only
+    before = scored([0.0, 0.0, 0.0, 0.0, 1.0, 0.5], index=[0, 1, 2, 3, 4, 5])
+    after = scored([0.5, 1.0, 1.0, 1.0, 1.0, 1.0], index=[3, 4, 5, 6, 7, 8])
+    (row,) = paired_difference(before, after)
+    assert row["bucket"] == "all" and row["problems"] == 3 and row["diff"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    assert (row["fixed"], row["broke"]) == (2, 0)
+    (single,) = paired_difference(scored([0.0], index=[7]), scored([1.0], index=[7]))
+    assert single["problems"] == 1 and single["ci95"] is None
+    table = paired_table("sft", "rsft", "T", [row]).splitlines()
+    assert table[0] == "| task | bucket | n | sft | rsft | difference | 95% interval | fixed / broke |"
+    assert table[2].startswith("| T | all | 3 | 0.5000 | 0.8333 | +0.3333 | [") and table[2].endswith("| 2 / 0 |")
+
+
+def test_paired_difference_refuses_what_cannot_be_paired():
+    with pytest.raises(NanochatError, match="no per-problem scores"):
+        paired_difference({"task": "T"}, scored([1.0]))
+    with pytest.raises(NanochatError, match="not the same problems"):
+        paired_difference(scored([1.0], size=1000), scored([1.0], size=2000))
+    with pytest.raises(NanochatError, match="not the same problems"):
+        paired_difference(scored([1.0], task="A"), scored([1.0], task="B"))
+    with pytest.raises(NanochatError, match="no problem was evaluated by both"):
+        paired_difference(scored([1.0], index=[0]), scored([1.0], index=[1]))
 
 
 # ------------------------------------------------------------------------------------------------ the suite and the layering

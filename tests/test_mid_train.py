@@ -232,6 +232,14 @@ def test_mid_train_resume_then_chat_eval(chat_env):
         assert r["centered"] == pytest.approx((r["accuracy"] - r["chance"]) / (1 - r["chance"]))
     assert report["chatcore"] == pytest.approx(sum(r["centered"] for r in tasks.values()) / 6)
     assert "ChatCORE" in proc.stdout and os.path.isfile(base / "report" / "chat-eval-mid.md")
+    # the same model again, paired with the saved evaluation: the same problems, no difference anywhere
+    proc = run_script("scripts.chat_eval", "--source", "mid", "--model-tag", "t", "--tasks", "ARC-Easy,GSM8K", "--max-problems", 2, "--max-new-tokens", 8, "--batch-size", 2, "--paired-with", "mid", env=env)
+    with open(base / "report" / "chat-eval-mid.json") as f:
+        paired = json.load(f)["paired"]["mid"]
+    assert list(paired) == ["ARC-Easy", "GSM8K"]
+    for rows in paired.values():
+        assert rows[-1]["bucket"] == "all" and rows[-1]["problems"] == 2 and rows[-1]["diff"] == 0 and rows[-1]["fixed"] == rows[-1]["broke"] == 0
+    assert "Paired with mid, on the problems both evaluated:" in proc.stdout and "| GSM8K | all | 2 |" in proc.stdout
 
 
 @needs_data
@@ -244,6 +252,10 @@ def test_bad_inputs_are_errors_naming_the_flag(chat_env, monkeypatch):
         chat_eval.main(["--source", "mid", "--tasks", "ARC-Easy,Nope"])
     with pytest.raises(NanochatError, match="--temperature"):
         chat_eval.main(["--source", "base", "--tasks", "GSM8K", "--num-samples", "4", "--max-problems", "1"])
+    with pytest.raises(NanochatError, match="--paired-with rl: .*chat-eval-rl.json not found"):
+        chat_eval.main(["--source", "mid", "--tasks", "ARC-Easy", "--paired-with", "rl"])
+    with pytest.raises(NanochatError, match="--paired-with nope: expected stages of"):
+        chat_eval.main(["--source", "mid", "--paired-with", "nope"])
     base = chat_env["base"]
     os.symlink(checkpoint_dir("base", "t", str(base)), checkpoint_dir("base", "bad", str(base)))
     with pytest.raises(NanochatError, match="--total-batch-size 500"):
