@@ -467,7 +467,7 @@ def paired_difference(before, after):
     the unpaired (Wilson) intervals of two accuracies, so a gain of a few points on a few hundred
     problems can be told from noise. The interval is the normal one, mean +- 1.96 s / sqrt(n), s the
     sample standard deviation of the n differences (Miller 2024, "Adding Error Bars to Evals",
-    arXiv:2411.00640, section 4: paired differences); None for n < 2.
+    arXiv:2411.00640, its analysis of paired differences); None for n < 2.
     Returns a list of {"bucket", "problems", "before", "after", "diff", "ci95" ([lo, hi] or None),
     "fixed" (problems whose score rose), "broke" (problems whose score fell)}; a bucket with no
     common problem is left out.
