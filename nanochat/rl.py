@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from nanochat.chat_eval import bucket_table, evaluate_task, pass_at_k, select_problems
 from nanochat.common import NanochatError, print0
@@ -132,10 +133,21 @@ def collate_rollouts(rollouts, pad_id, device=None):
     return inputs.to(device), targets.to(device)
 
 
-def token_logprobs(model, inputs, targets):
-    """log pi(target | prefix) per position: fp32 [B, T], 0 where targets is -1. The model's own
-    cross-entropy (softcapped logits, fp32), so it is the exact log-probability it trains."""
-    return -model(inputs, targets, loss_reduction="none")
+def token_logprobs(model, inputs, targets, temperature=1.0):
+    """
+    log pi_T(target | prefix) per position: fp32 [B, T], 0 where targets is -1, where pi_T =
+    softmax(softcapped logits / temperature) is the distribution the engine samples from at that
+    temperature (before top-k). At temperature 1 it is the model's own cross-entropy, the exact
+    log-probability it trains; at another temperature it is the policy whose samples the batch
+    holds, so the policy gradient is on-policy (as in verl, which divides the logits by the rollout
+    temperature). Raises ValueError for temperature <= 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs needs a temperature > 0, got {temperature}")
+    if temperature == 1.0:
+        return -model(inputs, targets, loss_reduction="none")
+    logits = model(inputs) / temperature  # fp32 [B, T, V], softcapped
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view(targets.shape)
 
 
 def policy_gradient_loss(logprobs, advantages, mask, num_tokens, old_logprobs=None, clip_eps=0.0, ref_logprobs=None, kl_coef=0.0):

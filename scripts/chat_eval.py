@@ -65,14 +65,21 @@ def parse_args(argv=None):
     return args
 
 
-def load_saved_evaluation(stage, task_names):
+# The settings that define a generative task's score: a greedy accuracy and a sampled pass@1 (or two
+# temperatures, or two length limits) are different measures, and their difference is no comparison.
+DECODING_ARGS = ("temperature", "top_k", "max_new_tokens")
+
+
+def load_saved_evaluation(stage, task_names, args=None):
     """{task: evaluate_task result} of the saved evaluation of `stage` (report/chat-eval-<stage>.json),
-    for the tasks of task_names. NanochatError when the file is missing or unreadable, or lacks one of
-    the tasks."""
+    for the tasks of task_names. NanochatError when the file is missing or unreadable, lacks one of
+    the tasks, or (args given: this run's flags) a generative task of it was decoded otherwise
+    (DECODING_ARGS; --num-samples may differ: pass@1 estimates the same score)."""
     path = os.path.join(get_base_dir(), "report", f"chat-eval-{stage}.json")
     try:
         with open(path) as fh:
-            saved = json.load(fh)["tasks"]
+            report = json.load(fh)
+        saved, saved_args = report["tasks"], report.get("args", {})
     except FileNotFoundError:
         raise NanochatError(f"--paired-with {stage}: {path} not found; evaluate it first (python -m scripts.chat_eval --source {stage} with the same --tasks)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -80,6 +87,10 @@ def load_saved_evaluation(stage, task_names):
     missing = [name for name in task_names if name not in saved]
     if missing:
         raise NanochatError(f"--paired-with {stage}: {path} has no {', '.join(missing)} (it evaluated {', '.join(saved) or 'nothing'})")
+    generative = [name for name in task_names if saved[name].get("eval_type") == "generative"]
+    for key in DECODING_ARGS if args is not None and generative else ():
+        if key in saved_args and saved_args[key] != getattr(args, key):
+            raise NanochatError(f"--paired-with {stage}: {path} decoded {', '.join(generative)} with --{key.replace('_', '-')} {saved_args[key]}, this run with {getattr(args, key)}; evaluate both alike")
     return saved
 
 
@@ -87,7 +98,7 @@ def main(argv=None):
     args = apply_model_ref(parse_args(argv))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     print0(json.dumps(vars(args)))
-    earlier = {stage: load_saved_evaluation(stage, args.tasks) for stage in args.paired_with}  # fail before the work on a missing comparison
+    earlier = {stage: load_saved_evaluation(stage, args.tasks, args) for stage in args.paired_with}  # fail before the work on a missing comparison
 
     # -------------------------------------------------------------------------------- model and tasks
     model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step, lora=args.lora)

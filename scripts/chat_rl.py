@@ -107,11 +107,11 @@ def main(argv=None):
         old_logprobs, ref_logprobs = [], []
         for epoch in range(args.ppo_epochs if all_sum([len(active)], device)[0] > 0 else 0):
             for i, (a, x, y, n_fed) in enumerate(batches):
-                lp = token_logprobs(model, x, y)
+                lp = token_logprobs(model, x, y, args.temperature)  # of the distribution that sampled: on-policy
                 if epoch == 0:  # the sampling policy (the ratio is 1 in this first pass) and the reference
                     old_logprobs.append(lp.detach())
                     with torch.no_grad():
-                        ref_logprobs.append(token_logprobs(ref_model, x, y) if ref_model is not None else None)
+                        ref_logprobs.append(token_logprobs(ref_model, x, y, args.temperature) if ref_model is not None else None)
                 loss, st = policy_gradient_loss(lp, a, y >= 0, n_sampled, old_logprobs[i], args.clip_eps, ref_logprobs[i], args.kl_coef)
                 (loss * world_size).backward()  # the optimizer averages gradients over ranks
                 fed += n_fed

@@ -9,6 +9,7 @@ The end-to-end script run is in tests/test_mid_train.py.
 """
 
 import ast
+import json
 import math
 import os
 from pathlib import Path
@@ -479,6 +480,30 @@ def test_paired_difference_refuses_what_cannot_be_paired():
         paired_difference(scored([1.0], task="A"), scored([1.0], task="B"))
     with pytest.raises(NanochatError, match="no problem was evaluated by both"):
         paired_difference(scored([1.0], index=[0]), scored([1.0], index=[1]))
+
+
+def test_a_saved_evaluation_decoded_otherwise_is_refused(tmp_path, monkeypatch):
+    """--paired-with: a greedy accuracy against a sampled pass@1 (or another length limit) is no comparison;
+    another --num-samples at the same temperature is (both estimate pass@1); categorical tasks do not decode."""
+    from scripts.chat_eval import load_saved_evaluation, parse_args
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    (tmp_path / "report").mkdir()
+    saved_args = vars(parse_args(["--tasks", "MultiHop,ARC-Easy", "--temperature", "0.7", "--num-samples", "4", "--max-new-tokens", "96"]))
+    tasks = {"MultiHop": {"task": "MultiHop", "eval_type": "generative"}, "ARC-Easy": {"task": "ARC-Easy", "eval_type": "categorical"}}
+    (tmp_path / "report" / "chat-eval-sft.json").write_text(json.dumps({"args": saved_args, "tasks": tasks}))
+
+    def load(*flags):
+        args = parse_args(["--tasks", "MultiHop,ARC-Easy", *flags])
+        return load_saved_evaluation("sft", args.tasks, args)
+
+    assert set(load("--temperature", "0.7", "--num-samples", "2", "--max-new-tokens", "96")) == {"MultiHop", "ARC-Easy"}
+    with pytest.raises(NanochatError, match=r"--paired-with sft: .*chat-eval-sft.json decoded MultiHop with --temperature 0.7, this run with 0.0"):
+        load("--max-new-tokens", "96")
+    with pytest.raises(NanochatError, match="--max-new-tokens 96, this run with 64"):
+        load("--temperature", "0.7", "--max-new-tokens", "64")
+    args = parse_args(["--tasks", "ARC-Easy"])  # categorical only: the decoding flags do not matter
+    assert set(load_saved_evaluation("sft", args.tasks, args)) == {"MultiHop", "ARC-Easy"}
 
 
 # ------------------------------------------------------------------------------------------------ the suite and the layering

@@ -243,6 +243,42 @@ def test_sample_rollouts_match_the_engine_and_token_logprobs_the_logits():
     full = F.log_softmax(model(x), dim=-1)
     expected = torch.where(y >= 0, full.gather(-1, y.clamp(min=0)[..., None])[..., 0], torch.zeros(()))
     torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
+    # at the sampling temperature: the log-probs of softmax(logits / T), the distribution the engine samples
+    lp_t = token_logprobs(model, x, y, temperature=0.7)
+    full_t = F.log_softmax(model(x) / 0.7, dim=-1)
+    expected_t = torch.where(y >= 0, full_t.gather(-1, y.clamp(min=0)[..., None])[..., 0], torch.zeros(()))
+    torch.testing.assert_close(lp_t, expected_t, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        token_logprobs(model, x, y, temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_policy_gradient_at_the_sampling_temperature_is_the_gradient_of_the_expected_reward(temperature):
+    """One-token completions of one prompt, every token of the vocabulary enumerated with its sampling
+    probability pi_T(a) as weight: the expected policy-gradient loss's gradient must equal the gradient of
+    -E_{a ~ pi_T}[R(a)], computed directly. With the log-probs at temperature 1 instead (what chat_rl
+    used to train on while sampling at T 0.7) it does not, unless T is 1."""
+    model = tiny_gpt(seed=3).train()
+    prompt = TOK.render_for_completion({"messages": [{"role": "user", "content": "pick"}]})
+    V = model.config.vocab_size
+    x = torch.tensor([prompt] * V)
+    y = torch.full_like(x, -1)
+    y[:, -1] = torch.arange(V)  # row a: the completion is token a
+    reward = torch.rand(V, generator=torch.Generator().manual_seed(0))
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    probs = F.softmax(model(x[:1])[0, -1] / temperature, dim=-1).detach()  # pi_T(a)
+    # policy_gradient_loss normalises by the token count: weight each row by V * pi_T(a) for the expectation
+    lp = token_logprobs(model, x, y, temperature)
+    pg = grads(policy_gradient_loss(lp, reward * probs * V, y >= 0, V)[0])
+    exact = grads(-(F.softmax(model(x[:1])[0, -1] / temperature, dim=-1) * reward).sum())
+    torch.testing.assert_close(pg, exact, atol=1e-6, rtol=1e-4)
+    off = grads(policy_gradient_loss(token_logprobs(model, x, y), reward * probs * V, y >= 0, V)[0])
+    assert torch.allclose(off, exact, atol=1e-6, rtol=1e-4) == (temperature == 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ chat_rl end to end
