@@ -16,10 +16,13 @@
 # - chat_rsft: rejection sampling on MultiHop train prompts of every bucket (matched to the
 #   evaluation's mix: the distribution report says so), K samples each, fine-tuning on the correct ones.
 # - chat_rl: GRPO on the same prompts from the RSFT model, reward = the verifier's answer check.
-# - chat_eval after each: MultiHop test, greedy, per-bucket accuracy with its 95% interval and the
-#   coverage (nanochat/chat_eval.py bucket_table); RSFT and GRPO also paired with the stages before
-#   them on the same problems (--paired-with: the per-problem difference and its 95% interval, the
-#   test of "beat it"); the report card ends with the stages compared.
+# - chat_eval after each: MultiHop test, pass@1 at the rollouts' temperature (0.7) averaged over 4
+#   samples per problem (DeepSeek-R1's pass@1: steadier than one greedy reply, and the expected
+#   reward RSFT and GRPO optimise), per-bucket with its 95% interval and the coverage
+#   (nanochat/chat_eval.py bucket_table); RSFT and GRPO also paired with the stages before them on
+#   the same problems and seeds (--paired-with: the per-problem difference and its 95% interval, the
+#   test of "beat it"); the report card ends with the stages compared. The base model, which never
+#   answers, gets one sample per problem.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +36,7 @@ RSFT_STEPS=${RSFT_STEPS:-80}
 RSFT_LR_FRAC=${RSFT_LR_FRAC:-0.1}
 RL_STEPS=${RL_STEPS:-50}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-1000}  # MultiHop test problems per evaluation (all of test: 400 easy, 198 medium, 402 hard)
+EVAL_SAMPLES=${EVAL_SAMPLES:-4}    # samples per test problem at T 0.7 (pass@1 is their mean)
 
 source runs/setup.sh
 source runs/stages.sh
@@ -43,14 +47,14 @@ if [ -z "${NANOCHAT_DATA_DIR:-}" ]; then
     python -m nanochat.dataset -n 2
 fi
 
-EVAL_ARGS="--tasks MultiHop --max-problems $EVAL_PROBLEMS --max-new-tokens 96 --temperature 0 --batch-size 32"
+EVAL_ARGS="--tasks MultiHop --max-problems $EVAL_PROBLEMS --max-new-tokens 96 --temperature 0.7 --num-samples $EVAL_SAMPLES --batch-size 32"
 # Sampling at T 0.7: more right answers with their whole trace than at T 1, the same answers' mix.
 SAMPLE_ARGS="--task MultiHop --num-samples 8 --max-new-tokens 96 --temperature 0.7 --device-batch-size 32 --eval-every -1 --eval-problems 32 --eval-samples 1"
 
 run_stage tok_train python -m scripts.tok_train --max-chars 20000000 --vocab-size 4096 $([ "${FORCE:-0}" = 1 ] && echo --force)
 run_stage base_train python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 \
     --num-iterations "$BASE_STEPS" --eval-every -1 --eval-tokens 131072 --num-prompts 0 --name "$NAME-base" --resume-if-exists
-run_stage chat_eval_base python -m scripts.chat_eval --source base $EVAL_ARGS
+run_stage chat_eval_base python -m scripts.chat_eval --source base $EVAL_ARGS --num-samples 1
 run_stage chat_sft python -m scripts.chat_sft --source base --recipe tasks/recipes/multihop_sft.json --max-seq-len 256 \
     --device-batch-size 16 --total-batch-size 4096 --num-iterations "$SFT_STEPS" --init-lr-frac "$SFT_LR_FRAC" --eval-every -1 --val-conversations 64 \
     --name "$NAME-sft" --resume-if-exists
