@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from nanochat import execution
 from nanochat.execution import execute_code, run_tool_call, sandbox_info
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sandbox tests target Linux")
@@ -105,6 +106,56 @@ def test_run_tool_call():
     assert run_tool_call("1/0") == "Error: ZeroDivisionError: division by zero"
     assert run_tool_call("print('a' * 1000)", max_output_chars=20) == "a" * 17 + "..."
     assert run_tool_call("while True: pass", timeout=0.5) == "Error: timed out after 0.5 s"
+
+
+def sandboxed_tool_call(code):
+    """run_tool_call's text from the sandbox alone (no in-process arithmetic)."""
+    result = execution._run(code, "tool", 3.0, execution.DEFAULT_MAX_MEMORY_BYTES, 64 * 1024, execution.DEFAULT_MAX_FILE_BYTES, execution.DEFAULT_MAX_PROCESSES)
+    text = result.stdout.strip()
+    return text if result.success else (text + "\n" if text else "") + f"Error: {result.error}"
+
+
+def random_expression(rng, depth=0):
+    if depth >= 3 or rng.random() < 0.3:
+        kind = rng.randrange(4)
+        number = [str(rng.randrange(0, 1000)), f"{rng.uniform(0, 100):.{rng.randrange(1, 4)}f}", str(rng.randrange(0, 10)), f"{rng.randrange(1, 99)}e{rng.randrange(-5, 5)}"][kind]
+        return ("-" if rng.random() < 0.15 else "") + number
+    op = rng.choice(["+", "-", "*", "/", "//", "%", "**", "*", "/"])
+    right = random_expression(rng, depth + 1) if op != "**" else str(rng.choice([0, 1, 2, 3, 0.5, -1, -2]))
+    return f"({random_expression(rng, depth + 1)} {op} {right})" if rng.random() < 0.5 else f"{random_expression(rng, depth + 1)}{op}{right}"
+
+
+def test_arithmetic_in_process_equals_the_sandbox():
+    """The tool's in-process arithmetic gives the sandbox's text on random expressions (ints, floats,
+    negatives, every operator; divisions by zero and complex powers fall back to the sandbox), and
+    leaves everything else to it."""
+    import random
+
+    rng = random.Random(0)
+    exprs = [random_expression(rng) for _ in range(80)]
+    exprs += ["48/2", "12/60", "0.1 + 0.2", "2**-2", "7 // -2", "-7 % 3", "1e308 * 10", "-0.0", "3.0 * 5", "(1 + 2) * (3 - 4) / 5", "10**15 / 1", "2 ** 100", "1/0", "5 % 0", "(-8) ** 0.5", "1.5 ** 10000", "9**9**9"]
+    fast = 0
+    for code in exprs:
+        text = execution._arithmetic(code)
+        if text is not None:
+            fast += 1
+            assert text == sandboxed_tool_call(code), code
+    assert fast >= 70  # the random ones are mostly computable
+    for code in ["1/0", "5 % 0", "(-8) ** 0.5", "1.5 ** 10000", "9**9**9", "10 ** 5000", "x", "x = 2", "2 + 2\n3", "'ab' * 3", "abs(-2)", "(1).real",
+                 "[1, 2]", "True + 1", "1j * 2", "__import__('os').getpid()", "(lambda: 1)()", " 1 + 1", "1 +", "(" * 1000 + "1" + ")" * 1000]:
+        assert execution._arithmetic(code) is None, code
+    assert execution._arithmetic("-" * 999 + "1") in (None, "-1")  # deep nesting: computed or left to the sandbox, never an exception
+    assert run_tool_call("9**9**9", timeout=0.5).startswith("Error: ")  # the sandbox's limits take it
+
+
+def test_arithmetic_tool_calls_start_no_process(monkeypatch):
+    def no_sandbox(*args):
+        raise AssertionError("the sandbox was started")
+
+    monkeypatch.setattr(execution, "_run", no_sandbox)
+    assert run_tool_call("48/2") == "24" and run_tool_call("(3 + 4) * 2.5") == "17.5" and run_tool_call("2 ** 10 - 1") == "1023"
+    with pytest.raises(AssertionError, match="sandbox was started"):
+        run_tool_call("'strawberry'.count('r')")
 
 
 def test_bad_arguments_raise():
