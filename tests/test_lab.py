@@ -26,6 +26,7 @@ def test_wilson_interval_matches_published_values():
     # Newcombe 1998, "Two-sided confidence intervals for the single proportion", table I, method 3 (Wilson score)
     for (c, n), expected in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611), (1, 29): (0.0061, 0.1718)}.items():
         assert lab.wilson(c / n, n) == (pytest.approx(expected[0], abs=5e-5), pytest.approx(expected[1], abs=5e-5)), (c, n)
+    assert lab.wilson(0.0, 400)[0] == 0.0 and lab.wilson(1.0, 400)[1] == 1.0  # exact, no round-off residue
     lo, hi = lab.wilson(1.0, 20)  # symmetric, and not the zero-width interval of p +- z sqrt(p(1-p)/n)
     assert hi == pytest.approx(1.0) and lo == pytest.approx(1 - 0.1611, abs=5e-5)
     # it narrows as 1/sqrt(n) and tends to the normal interval
