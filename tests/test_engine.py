@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanochat.engine import DecodeBatch, Engine, GenerationRequest, KVCache, sample_tokens
+from helpers.steered import Steered
 from test_gpt import make_model
 
 
@@ -322,27 +323,6 @@ def test_stored_copies_are_keyed_by_the_weight_not_a_temporary_cast(choice, monk
                 torch.testing.assert_close(lin(x).float(), want, atol=2e-2, rtol=2e-2)
 
 
-class _Steered(torch.nn.Module):
-    """A real GPT whose next token is forced where the current input token is a key of `steer`
-    (a large bias on steer[token]); elsewhere it samples as the GPT does. Drives rows into and out
-    of tool calls while their KV cache is the real model's."""
-
-    def __init__(self, model, steer):
-        super().__init__()
-        self.model, self.steer = model, steer
-        self.config, self.lm_head, self.rotary_seq_len = model.config, model.lm_head, model.rotary_seq_len
-
-    def get_compute_dtype(self, device):
-        return self.model.get_compute_dtype(device)
-
-    def forward(self, idx, kv_cache=None):
-        logits = self.model(idx, kv_cache=kv_cache)
-        for b, t in enumerate(idx[:, -1].tolist()):
-            if t in self.steer:
-                logits[b, -1, self.steer[t]] += 1000.0
-        return logits
-
-
 def test_rows_parked_on_a_tool_call_get_the_same_tokens_and_others_keep_going(byte_tok):
     """generate_many parks a row while its python tool call runs (here a slow one): the other rows
     decode meanwhile, and every row's tokens equal those of inline tool calls (the row's cache
@@ -356,7 +336,7 @@ def test_rows_parked_on_a_tool_call_get_the_same_tokens_and_others_keep_going(by
     gpt = make_model(vocab_size=byte_tok.vocab_size)
     with torch.no_grad():
         gpt.lm_head.weight.mul_(20.0)  # peaked next-token distributions: what a row samples depends on its cache
-    model = _Steered(gpt, steer)
+    model = Steered(gpt, steer)
     calls, others_done = [], threading.Event()
 
     def tool(code):
