@@ -32,9 +32,9 @@ NAME=${NAME:-reasoning}              # run name in the registry (python -m scrip
 BASE_STEPS=${BASE_STEPS:-120}
 SFT_STEPS=${SFT_STEPS:-300}
 SFT_LR_FRAC=${SFT_LR_FRAC:-1.0}
-RSFT_STEPS=${RSFT_STEPS:-80}
+RSFT_STEPS=${RSFT_STEPS:-60}
 RSFT_LR_FRAC=${RSFT_LR_FRAC:-0.1}
-RL_STEPS=${RL_STEPS:-30}
+RL_STEPS=${RL_STEPS:-20}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-1000}  # MultiHop test problems per evaluation (all of test: 400 easy, 198 medium, 402 hard)
 EVAL_SAMPLES=${EVAL_SAMPLES:-4}    # samples per test problem at T 0.7 (pass@1 is their mean)
 
@@ -68,7 +68,7 @@ run_stage chat_rsft python -m scripts.chat_rsft $SAMPLE_ARGS --questions-per-ste
 run_stage chat_eval_rsft python -m scripts.chat_eval --source rsft $EVAL_ARGS --paired-with sft
 # GRPO: 32 prompts x 4 samples a step (the step's reward moves less with its prompt mix than at 16 x 8).
 # After RSFT it moved the held-out pass@1 by less than its interval at every LR, length and prompt mix
-# tried (docs/LOG.md), so the recipe keeps it short: 30 steps.
+# tried (docs/LOG.md), so the recipe keeps it short: 20 steps.
 run_stage chat_rl python -m scripts.chat_rl $SAMPLE_ARGS --num-samples 4 --source rsft --questions-per-step 32 --num-iterations "$RL_STEPS" --name "$NAME-grpo" --resume-if-exists
 run_stage chat_eval_rl python -m scripts.chat_eval --source rl $EVAL_ARGS --paired-with sft,rsft
 
