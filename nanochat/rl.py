@@ -269,6 +269,7 @@ def add_rl_args(p, sources):
     g.add_argument("--split", type=str, default="train", help="split of --task the prompts come from")
     g.add_argument("--buckets", type=str, default=None, help="keep only prompts of these difficulty buckets, comma-separated (conversation['bucket']: MultiHop easy,medium,hard; GSM8K 1-3,4-5,6+; default: all)")
     g.add_argument("--tasks-dir", type=str, default=None, help="local task data (default: $NANOCHAT_TASKS_DIR, $NANOCHAT_DATA_ROOT/tasks or <base_dir>/tasks)")
+    g.add_argument("--max-prompts", type=int, default=-1, help="train on a seeded subset of this many prompts (after --buckets), revisited every max-prompts / questions-per-step steps (-1: all)")
     g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the prompts when --num-iterations is not given")
     g.add_argument("--questions-per-step", type=int, default=16, help="prompts per step, all ranks (a multiple of the number of ranks)")
     g.add_argument("--num-samples", type=int, default=16, help="completions sampled per prompt (K, the group size)")
@@ -297,7 +298,7 @@ def check_rl_args(args, min_samples=1, checks=()):
         ("--questions-per-step", args.questions_per_step >= 1), ("--num-samples", args.num_samples >= min_samples),
         ("--max-new-tokens", args.max_new_tokens >= 1), ("--temperature", args.temperature > 0), ("--top-k", args.top_k >= 0),
         ("--sampling-batch-size", args.sampling_batch_size >= 0), ("--eval-problems", args.eval_problems == -1 or args.eval_problems >= 1),
-        ("--eval-samples", args.eval_samples >= 1), ("--num-epochs", args.num_epochs > 0), ("--device-batch-size", args.device_batch_size != "auto"),
+        ("--eval-samples", args.eval_samples >= 1), ("--max-prompts", args.max_prompts == -1 or args.max_prompts >= 1), ("--num-epochs", args.num_epochs > 0), ("--device-batch-size", args.device_batch_size != "auto"),
     ] + list(checks)
     for flag, ok in checks:
         if not ok:
@@ -353,12 +354,13 @@ class PromptPool:
     The prompts an RL stage samples from: source[i] for the positions i whose conversation's
     "bucket" is one of `buckets` (all of them when None). source: a sequence of conversations (a
     Task, or the list read from a prompts file). declared: the buckets the verifier's task declares
-    (its `buckets`), which the names must be among. where: the source, for messages.
+    (its `buckets`), which the names must be among. where: the source, for messages. max_prompts:
+    keep a subset of that many of them (None or -1: all), drawn with `seed` and kept in source order.
     pool[j] is the conversation, pool.indices[j] its position in source.
     Raises NanochatError for --buckets with a name the task does not declare, and when no prompt is left.
     """
 
-    def __init__(self, source, buckets=None, declared=(), where="the prompts"):
+    def __init__(self, source, buckets=None, declared=(), where="the prompts", max_prompts=None, seed=0):
         if buckets is not None:
             unknown = [b for b in buckets if b not in (declared or ())]
             if unknown:
@@ -367,6 +369,9 @@ class PromptPool:
         self.indices = [i for i in range(len(source)) if buckets is None or source[i].get("bucket") in buckets]
         if not self.indices:
             raise NanochatError(f"no prompts in {where}" + (f" in the buckets {', '.join(buckets)}" if buckets else ""))
+        if max_prompts not in (None, -1) and max_prompts < len(self.indices):
+            keep = np.random.default_rng(seed).permutation(len(self.indices))[:max_prompts]
+            self.indices = [self.indices[j] for j in sorted(keep.tolist())]
 
     def __len__(self):
         return len(self.indices)
@@ -410,18 +415,20 @@ def load_rl_data(registry, args, tokenizer, prompts=None):
     if prompts is not None:
         check_prompts(prompts, task, args.task, args.prompts)
     where = f"{args.task} {args.split}" if prompts is None else args.prompts
-    pool = PromptPool(task if prompts is None else prompts, args.buckets, declared, where)
-    print0(f"{len(pool):,} prompts of {where}" + (f" in the buckets {','.join(args.buckets)}" if args.buckets else "") + f", judged by {args.task}'s verifier")
+    pool = PromptPool(task if prompts is None else prompts, args.buckets, declared, where, args.max_prompts, args.seed)
+    print0(f"{len(pool):,} prompts of {where}" + (f" in the buckets {','.join(args.buckets)}" if args.buckets else "") + (" (--max-prompts)" if args.max_prompts != -1 else "")
+           + f", judged by {args.task}'s verifier")
     return task, pool, eval_task, report_distribution(pool, eval_task, tokenizer, args, declared)
 
 
 def prompt_schedule(run, args, pool):
     """The order the prompt pool is visited in (a seeded permutation of its indices; step_prompts
     walks it) and the number of steps: --num-iterations, else --num-epochs passes of
-    --questions-per-step prompts. Prints the horizon. Returns (order, num_iterations)."""
+    --questions-per-step prompts. Prints the horizon and the passes over the pool. Returns (order, num_iterations)."""
     order = np.random.default_rng(args.seed).permutation(len(pool)).tolist()
     num_iterations = run.resolve("num_iterations") or max(1, int(args.num_epochs * len(pool) / args.questions_per_step))
-    print0(f"{num_iterations} steps x {args.questions_per_step} prompts x {args.num_samples} samples on {run.world_size} rank(s)")
+    print0(f"{num_iterations} steps x {args.questions_per_step} prompts x {args.num_samples} samples on {run.world_size} rank(s): "
+           f"{num_iterations * args.questions_per_step / len(pool):.2f} passes over the {len(pool):,} prompts")
     return order, num_iterations
 
 

@@ -67,7 +67,7 @@ def main(argv=None):
     device, rank, world_size, tokenizer = run.device, run.rank, run.world_size, run.tokenizer
     if run.resuming and run.meta["args"].get("algo", "grpo") != "grpo":
         raise NanochatError(f"--resume: {run.ckpt_dir} is an --algo {run.meta['args']['algo']} run of the former chat_rl; RSFT is now its own stage, scripts.chat_rsft")
-    check_rl_run(run, args, ("task", "split", "buckets", "questions_per_step", "num_samples", "seed"))  # they define the samples of every step
+    check_rl_run(run, args, ("task", "split", "buckets", "max_prompts", "questions_per_step", "num_samples", "seed"))  # they define the samples of every step
     model = run.load_model()
     model.compute_dtype = run.compute_dtype()
     # The reference for the KL penalty is the starting model, also after a resume.

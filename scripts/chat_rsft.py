@@ -89,7 +89,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = RunState("rsft", args, parent=args.source)
     device, rank, world_size, tokenizer = run.device, run.rank, run.world_size, run.tokenizer
-    check_rl_run(run, args, ("task", "split", "buckets", "prompts", "questions_per_step", "num_samples", "seed"))  # they define the samples of every step
+    check_rl_run(run, args, ("task", "split", "buckets", "max_prompts", "prompts", "questions_per_step", "num_samples", "seed"))  # they define the samples of every step
     model = run.load_model()
     model.compute_dtype = run.compute_dtype()
     engine = Engine(model, tokenizer)  # no torch.compile: rollouts change shape every step, and decoding dominates a step

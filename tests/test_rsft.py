@@ -72,6 +72,12 @@ def test_prompt_pool_filters_buckets_and_the_steps_split_over_ranks():
         PromptPool(source, ["tricky"], MultiHop.buckets, "MultiHop train")
     with pytest.raises(NanochatError, match="no prompts in .* in the buckets hard"):
         PromptPool([source[i] for i in range(60) if source[i]["bucket"] == "easy"], ["hard"], MultiHop.buckets)
+    # --max-prompts: a seeded subset of the bucket-filtered prompts, in source order; all of them when it asks for more
+    few = PromptPool(source, ["easy", "hard"], MultiHop.buckets, max_prompts=10, seed=3)
+    assert len(few) == 10 and few.indices == sorted(few.indices) and set(few.indices) <= set(pool.indices)
+    assert few.indices == PromptPool(source, ["easy", "hard"], MultiHop.buckets, max_prompts=10, seed=3).indices
+    assert few.indices != PromptPool(source, ["easy", "hard"], MultiHop.buckets, max_prompts=10, seed=4).indices
+    assert PromptPool(source, max_prompts=-1).indices == PromptPool(source, max_prompts=600).indices == list(range(60))
     # the prompts of a step do not depend on the number of ranks
     order = list(np.random.default_rng(0).permutation(len(pool)))
     one = step_prompts(order, 3, 4, seed=7)
@@ -166,6 +172,22 @@ def test_rsft_samples_file_holds_winners_and_losers_and_is_exact_on_resume(mh_en
     # a resume with other prompts is refused
     with pytest.raises(NanochatError, match="--resume: .* was trained with --buckets None, not \\['easy'\\]"):
         run_main(__import__("scripts.chat_rsft", fromlist=["main"]).main, ARGS + ["--model-tag", "cut", "--resume", "--buckets", "easy"], mh_env, monkeypatch)
+
+
+def test_max_prompts_revisits_the_same_prompts_and_is_checked_on_resume(mh_env, monkeypatch):
+    """--max-prompts 2 with 2 prompts a step: every step samples the same two prompts (the samples
+    file names each sample's prompt), with fresh seeds; a resume with another --max-prompts is refused."""
+    monkeypatch.setattr(MultiHop, "score", parity_score)
+    stage(mh_env, monkeypatch, "chat_rsft", "pool2", "--max-prompts", 2, "--num-iterations", 3)
+    _, samples = run_files(mh_env, "rsft", "pool2")
+    questions = [sorted({s["question"] for s in samples if s["step"] == step}) for step in (1, 2, 3)]
+    assert questions[0] == questions[1] == questions[2] and len(questions[0]) == 2
+    by_step = [[s["messages"][-1] for s in samples if s["step"] == step] for step in (1, 2, 3)]
+    assert by_step[0] != by_step[1]  # the same prompts, sampled afresh
+    with pytest.raises(NanochatError, match="--resume: .* was trained with --max-prompts 2, not 3"):
+        run_main(__import__("scripts.chat_rsft", fromlist=["main"]).main, ARGS + ["--model-tag", "pool2", "--resume", "--max-prompts", 3], mh_env, monkeypatch)
+    with pytest.raises(NanochatError, match="--max-prompts 0 is out of range"):
+        stage(mh_env, monkeypatch, "chat_rl", "pool0", "--max-prompts", 0)
 
 
 def test_grpo_and_rsft_of_one_recipe_side_by_side(mh_env, monkeypatch, capsys):
