@@ -517,16 +517,21 @@ def rollout_metrics(groups, num_samples, device):
     return row | ({"coverage": coverage / n_scored} if n_scored else {})
 
 
-def log_rl_step(run, groups, num_samples, loss, fed, show=(), **metrics):
+def log_rl_step(run, groups, num_samples, loss, fed, mine, pool, show=(), **metrics):
     """
     The step log of an RL stage (run.log_step): rollout_metrics of the step's groups, the stage's
-    own metrics, and samples_sha (each rank's hash of its sampled tokens and rewards: equal hashes,
-    equal samples, what the resume tests compare). loss: the step's loss summed over ranks; fed:
-    the tokens through forward and backward, all ranks (for MFU, with the decode's forward).
+    own metrics, prompt_rewards ([prompt, mean reward of its samples] for every prompt of the step,
+    all ranks, in slot order; prompt: its index in --task's --split or in the --prompts file, what
+    reward_trend pairs revisits by), and samples_sha (each rank's hash of its sampled tokens and
+    rewards: equal hashes, equal samples, what the resume tests compare). loss: the step's loss
+    summed over ranks; fed: the tokens through forward and backward, all ranks (for MFU, with the
+    decode's forward). mine: this rank's [(slot, pool position, seed)] (sample_step), one per group.
     show: the stage's own metrics for the console line, after reward, pass@1, pass@K (and coverage).
     """
     digest = hashlib.sha256(json.dumps([[r.tokens, r.reward] for g in groups for r in g]).encode()).hexdigest()[:16]
-    row = rollout_metrics(groups, num_samples, run.device) | metrics | {"samples_sha": ",".join(run.gather(digest))}
+    prompt_rewards = [(slot, pool.indices[p], statistics.fmean(r.reward for r in g)) for (slot, p, _), g in zip(mine, groups)]
+    prompt_rewards = [[q, reward] for _, q, reward in sorted(x for part in run.gather(prompt_rewards) for x in part)]
+    row = rollout_metrics(groups, num_samples, run.device) | metrics | {"prompt_rewards": prompt_rewards, "samples_sha": ",".join(run.gather(digest))}
     flops = run.flops_per_token * fed + run.flops_per_token / 3 * row["gen_tokens"]  # forward + backward of the updates, forward of the decode
     show = ("reward", "train_pass@1", f"train_pass@{num_samples}", *show) + (("coverage",) if "coverage" in row else ())
     run.log_step(loss, row["gen_tokens"], flops=flops, show=show, **row)
@@ -586,32 +591,57 @@ def evaluate_policy(run, model, name, task, args):
 
 def reward_trend(metrics_path, part=0.2):
     """
-    Whether the training reward rose over a run: the mean step reward of the first and of the last
-    `part` of the steps logged in metrics_path (a metrics.jsonl; at least 2 steps each), their
-    difference and its 95% interval (normal approximation, unequal variances: 1.96 x sqrt(s1^2/n1
-    + s2^2/n2), the steps taken as independent). Returns {"reward_first", "reward_last",
-    "reward_rise", "reward_rise_lo", "reward_rise_hi" (its 95% interval), "reward_steps": n per end}, or {} with fewer than
-    4 steps (or no metrics file: ranks > 0). The per-step reward moves with the step's prompt mix,
-    which is what the interval measures.
+    Whether the training reward rose over a run, from the step rows of metrics_path (a
+    metrics.jsonl). Two measures:
+    - the mean step reward of the first and of the last `part` of the steps (at least 2 each),
+      their difference and its 95% interval (normal approximation, unequal variances: 1.96 x
+      sqrt(s1^2/n1 + s2^2/n2), the steps taken as independent). The per-step reward moves with the
+      step's prompt mix, which is what the interval measures. Keys "reward_first", "reward_last",
+      "reward_rise", "reward_rise_lo", "reward_rise_hi", "reward_steps" (n per end).
+    - when prompts were revisited (--max-prompts, or more than one pass over the pool): the paired
+      change of each revisited prompt's mean reward from its first visit to its last (log_rl_step's
+      prompt_rewards), its mean and 95% interval over the prompts (1.96 x s / sqrt(n)): the same
+      prompts at both ends, so no prompt-mix noise. Keys "revisit_first", "revisit_last",
+      "revisit_rise", "revisit_rise_lo", "revisit_rise_hi", "revisit_prompts" (n, at least 2).
+    Returns {} with fewer than 4 steps (or no metrics file: ranks > 0).
     """
-    rewards = [row["reward"] for row in read_jsonl(metrics_path) if row.get("reward") is not None]
+    rows = [row for row in read_jsonl(metrics_path) if row.get("reward") is not None]
+    rewards = [row["reward"] for row in rows]
     n = max(2, int(len(rewards) * part))
     if len(rewards) < 2 * n:
         return {}
     first, last = rewards[:n], rewards[-n:]
     rise = statistics.fmean(last) - statistics.fmean(first)
     half = Z95 * math.sqrt((statistics.variance(first) + statistics.variance(last)) / n)
-    return {"reward_first": statistics.fmean(first), "reward_last": statistics.fmean(last), "reward_rise": rise,
-            "reward_rise_lo": rise - half, "reward_rise_hi": rise + half, "reward_steps": n}
+    trend = {"reward_first": statistics.fmean(first), "reward_last": statistics.fmean(last), "reward_rise": rise,
+             "reward_rise_lo": rise - half, "reward_rise_hi": rise + half, "reward_steps": n}
+    visits = {}
+    for row in rows:
+        for prompt, reward in row.get("prompt_rewards") or ():
+            visits.setdefault(prompt, []).append(reward)
+    pairs = [(v[0], v[-1]) for v in visits.values() if len(v) >= 2]
+    if len(pairs) >= 2:
+        diffs = [b - a for a, b in pairs]
+        rise, half = statistics.fmean(diffs), Z95 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        trend |= {"revisit_first": statistics.fmean(a for a, _ in pairs), "revisit_last": statistics.fmean(b for _, b in pairs), "revisit_rise": rise,
+                  "revisit_rise_lo": rise - half, "revisit_rise_hi": rise + half, "revisit_prompts": len(pairs)}
+    return trend
 
 
 def print_reward_trend(trend):
-    """One line for the console: the reward of the first and last steps and the rise with its interval."""
+    """The console lines of reward_trend: the reward of the first and last steps, and of the
+    revisited prompts' first and last visits, each rise with its interval and a verdict."""
+    def verdict(lo, hi):
+        return "rose" if lo > 0 else "fell" if hi < 0 else "no change beyond the interval"
+
     if trend:
         lo, hi = trend["reward_rise_lo"], trend["reward_rise_hi"]
-        verdict = "rose" if lo > 0 else "fell" if hi < 0 else "no change beyond the interval"
         print0(f"reward: {trend['reward_first']:.4f} over the first {trend['reward_steps']} steps, {trend['reward_last']:.4f} over the last "
-               f"{trend['reward_steps']}: {trend['reward_rise']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95%), {verdict}")
+               f"{trend['reward_steps']}: {trend['reward_rise']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95%), {verdict(lo, hi)}")
+    if "revisit_rise" in trend:
+        lo, hi = trend["revisit_rise_lo"], trend["revisit_rise_hi"]
+        print0(f"reward of the {trend['revisit_prompts']} revisited prompts: {trend['revisit_first']:.4f} at their first visit, {trend['revisit_last']:.4f} "
+               f"at their last: {trend['revisit_rise']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95%, paired), {verdict(lo, hi)}")
 
 
 def eval_summary(run, name, split, eval_samples):

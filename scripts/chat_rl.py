@@ -88,7 +88,7 @@ def main(argv=None):
         if run.due(args.eval_every, at_start=True) and evaluate_policy(run, model, eval_name, eval_task, args):
             break
         # ---- sample K completions of this rank's prompts and score them with the task's verifier
-        _, _, groups = sample_step(run, engine, task, pool, order, step, args)
+        mine, _, groups = sample_step(run, engine, task, pool, order, step, args)
         rollouts = [r for g in groups for r in g]
         for r in rollouts if args.format_reward else ():  # GSM8K only (parse_args)
             r.reward += args.format_reward * (extract_answer(r.text) is not None)
@@ -121,13 +121,13 @@ def main(argv=None):
 
         # ---- metrics over all ranks
         loss_sum, clipped, kl_sum, fed = all_sum([stats["loss"], stats["clipped"], stats["kl"], fed], device)
-        log_rl_step(run, groups, K, loss_sum, fed, show=("mean_len",), clip_frac=clipped / max(n_sampled, 1), kl=kl_sum / max(n_sampled, 1),
+        log_rl_step(run, groups, K, loss_sum, fed, mine, pool, show=("mean_len",), clip_frac=clipped / max(n_sampled, 1), kl=kl_sum / max(n_sampled, 1),
                     grad_norm=grad_norm, skipped=grad_norm is None)
     else:
         evaluate_policy(run, model, eval_name, eval_task, args)
 
     # -------------------------------------------------------------------------------- wrap-up
-    trend = reward_trend(run.logger.path)  # the training reward's first and last fifth of the steps (rank 0)
+    trend = reward_trend(run.logger.path)  # the training reward's first and last fifth of the steps, and of revisited prompts (rank 0)
     print_reward_trend(trend)
     run.finish(num_params=model.num_params(), **shift, **trend, **eval_summary(run, eval_name, args.eval_split, args.eval_samples))
 

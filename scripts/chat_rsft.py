@@ -138,13 +138,13 @@ def main(argv=None):
         # ---- metrics over all ranks
         kept_coverage = [groups[q][s].coverage for q, s in kept if groups[q][s].coverage is not None]
         loss_sum, fed, n_kept, coverage_sum, n_coverage = all_sum([loss_sum, fed, len(kept), sum(kept_coverage), len(kept_coverage)], device)
-        log_rl_step(run, groups, K, loss_sum, fed, show=("kept",), kept=int(n_kept), grad_norm=grad_norm, skipped=grad_norm is None,
+        log_rl_step(run, groups, K, loss_sum, fed, mine, pool, show=("kept",), kept=int(n_kept), grad_norm=grad_norm, skipped=grad_norm is None,
                     **({"kept_coverage": coverage_sum / n_coverage} if n_coverage else {}))
     else:
         evaluate_policy(run, model, eval_name, eval_task, args)
 
     # -------------------------------------------------------------------------------- wrap-up
-    trend = reward_trend(run.logger.path)  # the training reward's first and last fifth of the steps (rank 0)
+    trend = reward_trend(run.logger.path)  # the training reward's first and last fifth of the steps, and of revisited prompts (rank 0)
     print_reward_trend(trend)
     run.finish(num_params=model.num_params(), **shift, **trend, **eval_summary(run, eval_name, args.eval_split, args.eval_samples))
 

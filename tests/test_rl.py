@@ -178,6 +178,32 @@ def test_reward_trend_compares_the_first_and_last_fifth_of_the_steps(tmp_path):
     falling = trend([0.8 - 0.01 * i + e for i, e in enumerate(noise)])
     assert falling["reward_rise_hi"] < 0
     assert trend([0.1, 0.2, 0.3]) == {} and reward_trend(str(tmp_path / "missing.jsonl")) == {}
+    assert "revisit_rise" not in rising  # no prompt_rewards: nothing to pair
+
+
+def test_reward_trend_pairs_each_revisited_prompt_first_visit_with_its_last(tmp_path):
+    """Prompts 0-3 revisited every two steps: an easy pair (0.8) and a hard pair (0.2) alternate,
+    so the step reward swings by 0.6 with the prompt mix, while each prompt's own reward rises by
+    0.1 from its first visit to its last. The paired measure sees the rise; prompts seen once
+    (4, 5) do not enter it."""
+    rows = []
+    for step in range(10):
+        visit, pair = step // 2, step % 2  # visits 0..4 of each prompt
+        prompts = [[q, (0.8 if pair == 0 else 0.2) + 0.025 * visit + 0.01 * (q % 2)] for q in (2 * pair, 2 * pair + 1)]
+        prompts += [[4 + pair, 0.5]] if step == 9 - pair else []
+        rows.append({"step": step + 1, "reward": sum(r for _, r in prompts) / len(prompts), "prompt_rewards": prompts})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trend = reward_trend(str(path))
+    assert trend["revisit_prompts"] == 4 and trend["revisit_rise"] == pytest.approx(0.1)
+    assert trend["revisit_first"] == pytest.approx((0.8 + 0.81 + 0.2 + 0.21) / 4) and trend["revisit_last"] == pytest.approx(trend["revisit_first"] + 0.1)
+    assert trend["revisit_rise_lo"] == pytest.approx(0.1) == trend["revisit_rise_hi"]  # every prompt rose by exactly 0.1
+    assert trend["reward_rise_lo"] < 0 < trend["reward_rise_hi"]  # the unpaired fifths drown it in the prompt mix
+    for row in rows:  # one prompt less a step in the second half of the pairs: the interval opens, the mean holds
+        row["prompt_rewards"] = [[q, r + (0.02 if q == 1 and row["step"] == 9 else 0.0)] for q, r in row["prompt_rewards"]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    noisy = reward_trend(str(path))
+    assert noisy["revisit_rise"] == pytest.approx(0.105) and noisy["revisit_rise_lo"] < 0.105 < noisy["revisit_rise_hi"] and noisy["revisit_rise_lo"] > 0
 
 
 def test_collate_trains_only_sampled_completion_tokens():

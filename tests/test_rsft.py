@@ -19,7 +19,7 @@ from helpers.scripts_util import read_metrics
 from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.common import NanochatError
 from nanochat.distribution import WARN_BUCKET_TVD, distribution_report, tvd, tvd_noise
-from nanochat.rl import PromptPool, check_prompts, step_prompts
+from nanochat.rl import PromptPool, check_prompts, reward_trend, step_prompts
 from tasks.common import validate_conversation
 from tasks.multihop import MultiHop
 
@@ -176,14 +176,25 @@ def test_rsft_samples_file_holds_winners_and_losers_and_is_exact_on_resume(mh_en
 
 def test_max_prompts_revisits_the_same_prompts_and_is_checked_on_resume(mh_env, monkeypatch):
     """--max-prompts 2 with 2 prompts a step: every step samples the same two prompts (the samples
-    file names each sample's prompt), with fresh seeds; a resume with another --max-prompts is refused."""
+    file names each sample's prompt), with fresh seeds; each step logs its prompts' mean rewards,
+    which reward_trend pairs from first visit to last; a resume with another --max-prompts is refused."""
     monkeypatch.setattr(MultiHop, "score", parity_score)
-    stage(mh_env, monkeypatch, "chat_rsft", "pool2", "--max-prompts", 2, "--num-iterations", 3)
+    stage(mh_env, monkeypatch, "chat_rsft", "pool2", "--max-prompts", 2, "--num-iterations", 4)
     _, samples = run_files(mh_env, "rsft", "pool2")
-    questions = [sorted({s["question"] for s in samples if s["step"] == step}) for step in (1, 2, 3)]
-    assert questions[0] == questions[1] == questions[2] and len(questions[0]) == 2
-    by_step = [[s["messages"][-1] for s in samples if s["step"] == step] for step in (1, 2, 3)]
+    questions = [sorted({s["question"] for s in samples if s["step"] == step}) for step in (1, 2, 3, 4)]
+    assert all(q == questions[0] for q in questions) and len(questions[0]) == 2
+    by_step = [[s["messages"][-1] for s in samples if s["step"] == step] for step in (1, 2, 3, 4)]
     assert by_step[0] != by_step[1]  # the same prompts, sampled afresh
+    # each step logs its prompts' mean rewards, which the reward trend pairs across visits
+    rows = [r for r in run_files(mh_env, "rsft", "pool2")[0] if "reward" in r]
+    for r in rows:
+        assert sorted(q for q, _ in r["prompt_rewards"]) == questions[0]
+        for q, reward in r["prompt_rewards"]:
+            assert reward == pytest.approx(np.mean([s["reward"] for s in samples if s["step"] == r["step"] and s["question"] == q]))
+    trend = reward_trend(os.path.join(checkpoint_dir("rsft", "pool2", mh_env["NANOCHAT_BASE_DIR"]), "run", "metrics.jsonl"))
+    first = dict(rows[0]["prompt_rewards"])
+    last = dict(rows[-1]["prompt_rewards"])
+    assert trend["revisit_prompts"] == 2 and trend["revisit_rise"] == pytest.approx(np.mean([last[q] - first[q] for q in first]))
     with pytest.raises(NanochatError, match="--resume: .* was trained with --max-prompts 2, not 3"):
         run_main(__import__("scripts.chat_rsft", fromlist=["main"]).main, ARGS + ["--model-tag", "pool2", "--resume", "--max-prompts", 3], mh_env, monkeypatch)
     with pytest.raises(NanochatError, match="--max-prompts 0 is out of range"):
