@@ -2,7 +2,7 @@
 # Reasoning that learns on a CPU: base -> SFT -> RSFT -> GRPO on MultiHop (tasks/multihop.py), a
 # verifiable multi-hop task over a generated knowledge graph, with accuracy and path coverage per
 # difficulty bucket (easy 1-2 hops, medium 3, hard 4-5) after every stage. About 20 minutes on 2
-# cores, set-up included (18.1 measured on a day this VM ran 10-30% slower than usual: docs/LOG.md).
+# cores, set-up included (17.6 measured: docs/LOG.md).
 #
 #     NANOCHAT_DATA_ROOT=../shared/data bash runs/reasoning_cpu.sh      # local data (else 2 shards are downloaded)
 #     FORCE=1 bash runs/reasoning_cpu.sh                                # re-run every stage
