@@ -433,7 +433,7 @@ def test_two_ranks_match_one_process(rl_env, monkeypatch):
         a, b = rl_rows(base, two, stage), rl_rows(base, one, stage)
         assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
         for x, y in zip(a, b):
-            for key in ("reward", "train_pass@1", "train_pass@4", "gen_tokens", "skipped", "mean_len") + (("kept",) if stage == "rsft" else ()):
+            for key in ("reward", "train_pass@1", "train_pass@4", "gen_tokens", "skipped", "mean_len", "prompt_rewards") + (("kept",) if stage == "rsft" else ()):
                 assert x[key] == y[key], (two, x["step"], key)
             for key in ("loss", "grad_norm") + (("kl", "clip_frac") if stage == "rl" else ()):
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), (two, x["step"], key, x[key], y[key])
